@@ -1,0 +1,309 @@
+"""Video tagging: sample frames by stream timestamps (seeking when sampling is sparse, optionally on scene
+changes), caption them in batches with an injected `caption_fn`, merge consecutive frames whose captions
+agree into timestamped segments, tag them with content words and write SRT / VTT / JSON / CSV.
+
+Times are seconds from the start of the video stream (its `start_time` is subtracted).
+
+Seek rule: frames are decoded forward, and the decoder seeks (to the keyframe at or before the next target)
+only when the next target lies more than `gap` seconds past the last decoded frame, where `gap` is the
+largest of SEEK_GAP (1.5 s), the keyframe spacing seen while decoding, and target - keyframe for any seek
+that landed no further than where decoding already was. So dense sampling never seeks, sparse sampling seeks
+only when that skips at least a keyframe interval of decoding, and a seek that overshoots its target (a bad
+index) switches to plain forward decoding, so the frame picked is always the first one at or after each target.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+from itertools import chain, islice
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import av
+import numpy as np
+from PIL import Image
+
+from .errors import CaptionerError
+from .vocab import tokenize
+
+SEEK_GAP = 1.5  # seconds: never seek over less than this
+EPS = 1e-6
+CaptionFn = Callable[[list[Image.Image]], list[str]]
+_AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError, UnicodeDecodeError)
+
+
+class VideoError(CaptionerError):
+    """A video that cannot be read: missing, empty, truncated, corrupt, no video stream, unsupported codec."""
+
+
+@dataclass
+class Frame:
+    time: float
+    image: Image.Image
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    caption: str
+    tags: list[str]
+    frames: list[int]  # indices into the sampled frames
+
+
+@dataclass
+class VideoResult:
+    path: str
+    duration: float
+    times: list[float]
+    captions: list[str]
+    segments: list[Segment]
+    tags: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextmanager
+def _open(path: str | Path) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    """Open `path` and its first video stream; every failure becomes a one-line VideoError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise VideoError(f"{p}: no such file")
+    if not p.is_file():
+        raise VideoError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise VideoError(f"{p}: empty file (0 bytes)")
+    why = lambda exc: getattr(exc, "strerror", None) or str(exc) or type(exc).__name__  # noqa: E731
+    try:
+        container = av.open(str(p))
+    except _AV_ERRORS as exc:
+        raise VideoError(f"{p}: not a readable video (truncated, corrupt or unknown format: {why(exc)})") from exc
+    try:
+        if not container.streams.video:
+            raise VideoError(f"{p}: no video stream (audio-only or data file)")
+        stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise VideoError(f"{p}: unsupported video codec")
+        stream.thread_type = "AUTO"
+        yield container, stream
+    except _AV_ERRORS as exc:
+        raise VideoError(f"{p}: cannot decode video (truncated, corrupt or unsupported codec: {why(exc)})") from exc
+    finally:
+        container.close()
+
+
+def _decode(container: av.container.InputContainer, stream, t0: float) -> Iterator[tuple[float, av.VideoFrame]]:
+    """(time, frame) from the current position; frames without a timestamp are skipped."""
+    for frame in container.decode(stream):
+        if frame.time is not None:
+            yield frame.time - t0, frame
+
+
+def _seek(container: av.container.InputContainer, stream, t0: float, t: float) -> Iterator[tuple[float, av.VideoFrame]]:
+    container.seek(max(0, int((t + t0) / stream.time_base)), stream=stream, backward=True, any_frame=False)
+    return _decode(container, stream, t0)
+
+
+def _span(stream) -> tuple[float, float | None]:
+    """(start offset, duration) of the stream in seconds; duration None when the stream does not say."""
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    return start, float(stream.duration * stream.time_base) if stream.duration else None
+
+
+def probe(path: str | Path) -> float:
+    """Duration in seconds, after checking that the file has a decodable video stream."""
+    with _open(path) as (container, stream):
+        t0, duration = _span(stream)
+        frames = _decode(container, stream, t0)
+        first = next(frames, None)
+        if first is None:
+            raise VideoError(f"{path}: no decodable video frames")
+        duration = duration or (container.duration or 0) / av.time_base
+        if not duration:  # no metadata: decode to the end
+            duration = max(t for t, _ in chain([first], frames)) + 1 / float(stream.average_rate or 25)
+    if duration <= 0:
+        raise VideoError(f"{path}: zero duration")
+    return duration
+
+
+def _pick(container, stream, every: float, scenes: bool, threshold: float) -> Iterator[tuple[float, av.VideoFrame]]:
+    t0, end = _span(stream)
+    frames = _decode(container, stream, t0)
+    target, last, gap, key, ref = 0.0, 0.0, (math.inf if scenes else SEEK_GAP), None, None
+    while True:
+        if target - last > gap:  # seeking skips at least one keyframe interval of decoding
+            frames, key = _seek(container, stream, t0, target), None
+            first = next(frames, None)
+            if first is None:  # nothing at or after the target: the end (or, before `end`, a truncated file)
+                last = max(last, target)
+                break
+            if first[0] > target + EPS:  # overshot: the index is not precise, decode forward from `last`
+                gap, frames = math.inf, _seek(container, stream, t0, last)
+            else:
+                if first[0] <= last:  # landed where we already were: keyframes are at least this far apart
+                    gap = max(gap, target - first[0])
+                frames = chain([first], frames)
+        for t, frame in frames:
+            last = t
+            if frame.key_frame:
+                gap, key = (gap if key is None else max(gap, t - key)), t
+            sig = frame.to_ndarray(width=16, height=16, format="rgb24").astype(np.float32) / 255 if scenes else None
+            cut = scenes and (ref is None or float(np.abs(sig - ref).mean()) > threshold)
+            if cut or t >= target - EPS:  # next target: the first grid point after t
+                ref, target = sig, (math.floor((t + EPS) / every) + 1) * every if every > 0 else math.inf
+                yield t, frame
+                break
+        else:
+            break
+    if end is not None and last < end - 1.0 - 1 / float(stream.average_rate or 25):
+        raise EOFError(f"video data ends at {last:.1f} s of {end:.1f} s")
+
+
+def sample_frames(path: str | Path, every: float = 1.0, scenes: bool = False, scene_threshold: float = 0.3,
+                  max_frames: int | None = None) -> Iterator[Frame]:
+    """The first frame at or after each of 0, every, 2*every, ... (stream timestamps), plus, with `scenes`,
+    each frame whose colour signature differs from the last kept frame by more than `scene_threshold`
+    (mean absolute difference of 16x16 RGB thumbnails, 0-1). every <= 0 (with scenes) samples cuts only."""
+    if every <= 0 and not scenes:
+        raise VideoError("every must be > 0 seconds (or 0 together with scenes)")
+    with _open(path) as (container, stream):
+        picks = _pick(container, stream, every, scenes, scene_threshold)
+        for t, frame in islice(picks, max_frames):
+            yield Frame(t, frame.to_image())
+
+
+def merge_segments(times: Sequence[float], captions: Sequence[str], duration: float,
+                   similarity: float = 1.0) -> list[Segment]:
+    """Merge consecutive frames whose caption equals (similarity 1.0) or has token Jaccard >= similarity
+    with the segment's first caption. A segment runs to the next segment's first frame (the last to
+    `duration`); its caption is the most common one in it (ties: earliest)."""
+    def same(a: str, b: str) -> bool:
+        if similarity >= 1.0:
+            return a == b
+        sa, sb = set(tokenize(a)), set(tokenize(b))
+        return len(sa & sb) / len(sa | sb) >= similarity if sa | sb else True
+
+    groups: list[list[int]] = []
+    for i, caption in enumerate(captions):
+        if groups and same(captions[groups[-1][0]], caption):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    ends = [times[g[0]] for g in groups[1:]] + [max(duration, times[-1]) if times else duration]
+    segments = []
+    for g, end in zip(groups, ends):
+        caps = [captions[i] for i in g]
+        segments.append(Segment(times[g[0]], end, Counter(caps).most_common(1)[0][0], content_words(caps), g))
+    return segments
+
+
+@lru_cache(maxsize=1)
+def stopwords() -> frozenset[str]:
+    text = resources.files("captioner").joinpath("assets/stopwords.txt").read_text(encoding="utf-8")
+    return frozenset(w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#"))
+
+
+def content_words(captions: Sequence[str], k: int = 8) -> list[str]:
+    """Up to k tokens that are not stop words, numbers or single letters; most frequent first, ties by first use."""
+    stop = stopwords()
+    counts = Counter(w for c in captions for w in tokenize(c) if len(w) > 1 and not w.isdigit() and w not in stop)
+    return sorted(counts, key=lambda w: -counts[w])[:k]
+
+
+def tag_video(path: str | Path, caption_fn: CaptionFn, every: float = 1.0, scenes: bool = False,
+              batch_size: int = 16, similarity: float = 1.0, frames_dir: Path | None = None,
+              max_frames: int | None = None, progress: Callable[[int], None] | None = None,
+              scene_threshold: float = 0.3) -> VideoResult:
+    """Sample, caption in batches, merge into segments and tag. `progress(n)` gets the number of frames
+    captioned so far after each batch. With `frames_dir`, each sampled frame is saved as `SSSSSS.mmm.jpg`."""
+    duration = probe(path)
+    if frames_dir is not None:
+        Path(frames_dir).mkdir(parents=True, exist_ok=True)
+    times: list[float] = []
+    captions: list[str] = []
+    frames = sample_frames(path, every, scenes, scene_threshold, max_frames)
+    while batch := list(islice(frames, max(1, batch_size))):
+        out = list(caption_fn([f.image for f in batch]))
+        if len(out) != len(batch):
+            raise VideoError(f"{path}: captioner returned {len(out)} captions for {len(batch)} frames")
+        for f in batch if frames_dir is not None else ():
+            f.image.save(Path(frames_dir) / f"{max(0.0, f.time):010.3f}.jpg", quality=90)
+        times += [f.time for f in batch]
+        captions += out
+        if progress is not None:
+            progress(len(times))
+    if not times:
+        raise VideoError(f"{path}: no frames sampled")
+    duration = max(duration, times[-1])
+    segments = merge_segments(times, captions, duration, similarity)
+    return VideoResult(str(path), duration, times, captions, segments, content_words(captions))
+
+
+def format_timestamp(seconds: float, sep: str = ",") -> str:
+    """HH:MM:SS<sep>mmm (SRT: ',', VTT: '.')."""
+    ms = max(0, round(seconds * 1000))
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+
+
+def _cues(segments: Sequence[Segment], sep: str) -> Iterator[str]:
+    """One cue per segment, text = the caption on one line (tags are in JSON/CSV); end > start always."""
+    for seg in segments:
+        start = max(0.0, seg.start)
+        end = max(seg.end, start + 0.001)
+        text = " ".join(seg.caption.split()).replace("-->", "->") or "(no caption)"
+        yield f"{format_timestamp(start, sep)} --> {format_timestamp(end, sep)}\n{text}\n"
+
+
+def write_srt(segments: Sequence[Segment], path: str | Path) -> None:
+    cues = [f"{i}\n{cue}" for i, cue in enumerate(_cues(segments, ","), 1)]
+    Path(path).write_text("\n".join(cues), encoding="utf-8")
+
+
+def write_vtt(segments: Sequence[Segment], path: str | Path) -> None:
+    Path(path).write_text("\n".join(["WEBVTT\n", *_cues(segments, ".")]), encoding="utf-8")
+
+
+def write_json(results: Sequence[VideoResult], path: str | Path) -> None:
+    Path(path).write_text(json.dumps({"videos": [r.to_dict() for r in results]}, indent=2), encoding="utf-8")
+
+
+def write_csv(results: Sequence[VideoResult], path: str | Path) -> None:
+    """One row per segment: video, start, end, caption, tags (';'-separated)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "start", "end", "caption", "tags"])
+        for r in results:
+            for s in r.segments:
+                w.writerow([r.path, f"{s.start:.3f}", f"{s.end:.3f}", s.caption, ";".join(s.tags)])
+
+
+def write_results(results: Sequence[VideoResult], path: str | Path) -> list[Path]:
+    """Write by suffix (.json, .csv: all videos in one file; .srt, .vtt: subtitles are per video, so with
+    several videos one file per video is written next to `path` as `<out-stem>.<video-stem><suffix>`).
+    Returns the paths written."""
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix not in (".json", ".csv", ".srt", ".vtt"):
+        raise VideoError(f"{out}: unknown output format {suffix or '(no suffix)'!r}; use .srt, .vtt, .json or .csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in (".json", ".csv"):
+        (write_json if suffix == ".json" else write_csv)(results, out)
+        return [out]
+    writer = write_srt if suffix == ".srt" else write_vtt
+    if len(results) == 1:  # one video: exactly `path`
+        writer(results[0].segments, out)
+        return [out]
+    stems = [Path(r.path).stem for r in results]
+    written = [out.with_name(f"{out.stem}.{stem}{'' if stems.count(stem) == 1 else f'-{i}'}{out.suffix}")
+               for i, stem in enumerate(stems, 1)]
+    for r, target in zip(results, written):
+        writer(r.segments, target)
+    return written
