@@ -169,6 +169,7 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
                    batch_size: int = 32, num_workers: int = 2, device: str = "cpu") -> np.ndarray:
     """Encode every image once and store (N, L, D) fp16 features as a .npy (written to a
     temporary name, renamed when complete). Returns the array memory-mapped read-only."""
+    cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"feats-{cache_key(paths, encoder.config.to_dict(), view)}.npy"
     if target.is_file():

@@ -30,6 +30,7 @@ class DecoderConfig:
     dropout: float = 0.5
     cell: str = "lstm"  # lstm | gru
     tie_weights: bool = True  # share the word embedding with the output layer L_o
+    attributes: int = 0  # >0: condition h0/c0 on the encoder's ImageNet class probabilities (Yao et al. 2017)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +60,10 @@ class Decoder(nn.Module):
             self.L_o.weight = self.embed.weight
         self.drop = nn.Dropout(cfg.dropout)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        if cfg.attributes:  # frozen copy of the encoder's classifier: pooled features -> class logits
+            self.classifier = nn.Linear(cfg.feat_dim, cfg.attributes).requires_grad_(False)
+            self.attr_h = nn.Linear(cfg.attributes, cfg.hidden_dim)
+            self.attr_c = nn.Linear(cfg.attributes, cfg.hidden_dim)
 
     # -- pieces shared by teacher forcing and search ---------------------------------
     def prepare(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, State]:
@@ -66,8 +71,11 @@ class Decoder(nn.Module):
         a = self.proj(feats)
         keys = self.att_feat(a)
         mean = a.mean(1)
-        h = torch.tanh(self.init_h(mean))
-        c = torch.tanh(self.init_c(mean)) if self.cfg.cell == "lstm" else torch.zeros_like(h)
+        h, c = self.init_h(mean), self.init_c(mean)
+        if self.cfg.attributes:
+            probs = self.drop(torch.softmax(self.classifier(feats.mean(1)), dim=1))
+            h, c = h + self.attr_h(probs), c + self.attr_c(probs)
+        h, c = torch.tanh(h), torch.tanh(c) if self.cfg.cell == "lstm" else torch.zeros_like(h)
         return a, keys, (h, c)
 
     def step(self, words: torch.Tensor, a: torch.Tensor, keys: torch.Tensor, state: State

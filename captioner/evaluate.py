@@ -47,7 +47,7 @@ def evaluate(cap: Captioner, specs: Sequence[str], split: str = "test", out: Pat
     cfg = cap.search_config(**search)
     caps = []
     for i in range(0, len(items), batch_size):
-        caps += cap.caption_features(torch.from_numpy(np.asarray(feats[i:i + batch_size])).float(), cfg)
+        caps += cap.caption_features(torch.from_numpy(np.array(feats[i:i + batch_size])).float(), cfg)
     preds = [{"image": str(it.image), "dataset": it.dataset, "caption": c.text, "score": round(c.score, 4),
               "references": it.captions} for it, c in zip(items, caps)]
     scores = score_captions([c.text for c in caps], [it.captions for it in items])

@@ -51,6 +51,7 @@ class TrainConfig:
     dropout: float = 0.5
     cell: str = "lstm"
     tie_weights: bool = True
+    attributes: bool = False  # condition on ImageNet class probabilities (needs a classifier head, grid 7)
     epochs: int = 30
     batch_size: int = 64
     lr: float = 4e-4
@@ -114,6 +115,15 @@ def decode_features(decoder: Decoder, vocab: Vocab, feats: np.ndarray | torch.Te
     return out
 
 
+def _classifier_size(encoder: Encoder, cfg: TrainConfig) -> int:
+    if not cfg.attributes:
+        return 0
+    head = getattr(encoder.net, "classifier", None)
+    if not isinstance(head, nn.Linear) or cfg.grid != 7:
+        raise CaptionerError("--attributes needs an EfficientNet-Lite encoder with grid 7")
+    return head.out_features
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train and return the path of the best checkpoint (by validation BLEU-4)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -148,8 +158,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     train_caps = [[vocab.encode(c, cfg.max_len) for c in it.captions] for it in items if it.split == "train"]
 
     dcfg = DecoderConfig(len(vocab), encoder.dim, cfg.feat_proj, cfg.embed_dim, cfg.hidden_dim, cfg.attn_dim,
-                         cfg.dropout, cfg.cell, cfg.tie_weights)
-    decoder = Decoder(dcfg).to(device)
+                         cfg.dropout, cfg.cell, cfg.tie_weights, attributes=_classifier_size(encoder, cfg))
+    decoder = Decoder(dcfg)
+    if dcfg.attributes:
+        decoder.classifier.load_state_dict(encoder.net.classifier.state_dict())
+    decoder = decoder.to(device)
     optim = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience)
     ts = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "elapsed": 0.0}
