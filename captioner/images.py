@@ -1,0 +1,270 @@
+"""Turning user files into RGB PIL images, robustly: odd modes, EXIF rotation, broken or hostile
+files, folders, glob patterns and zip archives. Every user-facing failure is one ImageError line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import stat
+import zipfile
+from collections.abc import Iterator, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import CaptionerError
+
+PathLike = str | os.PathLike[str]
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # PIL decoders we accept (JPEG covers MPO)
+MAX_PIXELS = 64 * 2**20  # 8192 x 8192; larger headers are refused before any pixel is allocated
+_SNIFF = ((0, b"8BPS", "Photoshop PSD"), (4, b"ftyp", "HEIC/AVIF"), (0, b"%PDF", "PDF"), (0, b"PK\x03\x04", "zip archive"))
+
+
+class ImageError(CaptionerError):
+    """A file that cannot be turned into an image (missing, unreadable, corrupt, unsupported, too big)."""
+
+
+def display_name(path: object) -> str:
+    """A printable one-line name, whatever bytes the file system gave us (surrogate escapes -> U+FFFD)."""
+    text = os.fsencode(path).decode("utf-8", "replace") if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    return " ".join(text.splitlines()) or "<unnamed>"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ------------------------------------------------------------------------- decoding -------
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit int or float grey -> 8-bit L by scaling (clipping would turn most images white)."""
+    a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """First frame, EXIF orientation applied, any mode -> RGB (transparency composited onto white)."""
+    if getattr(img, "n_frames", 1) > 1 and img.tell() != 0:
+        img.seek(0)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not make a fine picture unreadable
+        img = img.copy()
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _high_depth_to_l(img)
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _decode(fp: IO[bytes], name: str, max_pixels: int) -> Image.Image:
+    head = fp.read(16)
+    if not head:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    fp.seek(0)
+    Image.init()  # registers every PIL plugin (a no-op after the first call); open() needs it for formats=
+    try:
+        img = Image.open(fp, formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: image too large (more than {max_pixels // 2**20} megapixels)") from None
+    except Exception:
+        kind = next((k for off, magic, k in _SNIFF if head[off:off + len(magic)] == magic), None)
+        what = f"unsupported format ({kind})" if kind else "not an image or unsupported format"
+        raise ImageError(f"{name}: {what}; supported: {', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}") from None
+    with img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageError(f"{name}: image too large ({w}x{h} pixels, limit {max_pixels // 2**20} megapixels)")
+        if w < 1 or h < 1:
+            raise ImageError(f"{name}: image has zero size ({w}x{h})")
+        try:
+            img.load()
+            return to_rgb(img)
+        except Exception as exc:
+            raise ImageError(f"{name}: corrupt or truncated {img.format} image ({_one_line(exc)})") from None
+
+
+def load_image(path: PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open, fully decode and convert one file to RGB; any failure is an ImageError naming the file."""
+    name = display_name(path)
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a folder, or a pipe/device that open() could block on forever
+            raise ImageError(f"{name}: " + ("is a folder, not an image file" if stat.S_ISDIR(mode) else "not a regular file"))
+        fp = open(path, "rb")
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{name}: cannot open ({getattr(exc, 'strerror', None) or _one_line(exc)})") from None
+    with fp:
+        try:
+            return _decode(fp, name, max_pixels)
+        except OSError as exc:  # an I/O error while reading (the decoder's own errors are handled inside)
+            raise ImageError(f"{name}: read error ({exc.strerror or _one_line(exc)})") from None
+
+
+def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Like load_image, for bytes already in memory (uploads)."""
+    return _decode(io.BytesIO(data), display_name(name), max_pixels)
+
+
+# ---------------------------------------------------------------------- finding files -------
+def _walk(root: Path, max_depth: float, errors: list[tuple[str, str]]) -> Iterator[Path]:
+    """Files under root, each real folder visited once (symlink loops end), hidden entries skipped."""
+    seen: set[str] = set()
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            real = os.path.realpath(folder)
+            if real in seen:
+                continue
+            seen.add(real)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            errors.append((display_name(folder), f"cannot read folder: {exc.strerror or _one_line(exc)}"))
+            continue
+        for e in entries:
+            try:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir() and depth < max_depth:  # linked folders go last: real paths win over link paths
+                    stack.insert(0 if e.is_symlink() else len(stack), (Path(e.path), depth + 1))
+                elif e.is_file():
+                    yield Path(e.path)
+            except OSError:
+                continue
+
+
+def _match(parts: Sequence[str], pats: Sequence[str]) -> bool:
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], pats[0]) and _match(parts[1:], pats[1:])
+
+
+def _glob(pattern: str, recursive: bool, errors: list[tuple[str, str]]) -> list[Path]:
+    parts = Path(pattern).parts
+    n = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+    root, pats = Path(*parts[:n]) if n else Path("."), [p if recursive else p.replace("**", "*") for p in parts[n:]]
+    if not os.path.isdir(root):
+        return []
+    depth = float("inf") if "**" in pats else len(pats) - 1
+    return [p for p in _walk(root, depth, errors) if _match(p.relative_to(root).parts, pats)]
+
+
+def find_images(inputs: Sequence[PathLike], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files, folders (image extensions only; subfolders if recursive) and glob patterns
+    (`*`, `?`, `[...]`, `**` if recursive). A file named explicitly is kept whatever its extension.
+    Hidden files and folders are skipped; symlinked folders are followed, each real folder once.
+    Returns (paths sorted by string, de-duplicated; [(input, error)] for inputs that gave nothing)."""
+    found: set[Path] = set()
+    errors: list[tuple[str, str]] = []
+    is_image = lambda p: p.suffix.lower() in IMAGE_EXTENSIONS  # noqa: E731
+    for raw in inputs:
+        text = os.fsdecode(raw)
+        if os.path.isdir(text):
+            found.update(p for p in _walk(Path(text), float("inf") if recursive else 0, errors) if is_image(p))
+        elif os.path.lexists(text):
+            found.add(Path(text))
+        elif any(c in text for c in "*?["):
+            matches = [p for p in _glob(text, recursive, errors) if is_image(p)]
+            if not matches:
+                errors.append((display_name(text), "no image files match this pattern"))
+            found.update(matches)
+        else:
+            errors.append((display_name(text), "no such file or folder"))
+    return sorted(found, key=str), errors
+
+
+# ---------------------------------------------------------------------------- archives -------
+def is_zip(path: PathLike) -> bool:
+    """True for a real zip archive (starts with a zip signature), not for an image with a zip appended."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06") and zipfile.is_zipfile(f)
+    except (OSError, ValueError):
+        return False
+
+
+def _member_parts(info: zipfile.ZipInfo, name: str) -> list[str]:
+    """The member's path components; the whole archive is refused if any member is unsafe."""
+    member, kind = info.filename, stat.S_IFMT(info.external_attr >> 16)
+    parts = member.replace("\\", "/").split("/")
+    if member.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", member) or ".." in parts or "\0" in member:
+        raise ImageError(f"{name}: refused, unsafe path {member!r} in archive")
+    if kind == stat.S_IFLNK:
+        raise ImageError(f"{name}: refused, archive contains a symbolic link ({member!r})")
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise ImageError(f"{name}: refused, archive contains a special file ({member!r})")
+    return [p for p in parts if p not in ("", ".")]
+
+
+def safe_extract_zip(zip_path: PathLike, dest: Path, max_files: int = 2000,
+                     max_total_bytes: int = 512 * 2**20) -> list[Path]:
+    """Extract the image members of a zip into dest (keeping their subfolders) and return their
+    paths, sorted. Refuses the whole archive (ImageError, nothing left behind) on unsafe paths,
+    links, more than max_files members, or more than max_total_bytes of images, as declared by the
+    headers (checked before writing anything) or as actually decompressed (headers can lie)."""
+    name, dest = display_name(zip_path), Path(dest)
+    limit = f"{max_total_bytes / 2**20:g} MiB"
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except Exception as exc:
+        raise ImageError(f"{name}: not a readable zip archive ({_one_line(exc)})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > max_files:
+            raise ImageError(f"{name}: refused, {len(infos)} members in archive (limit {max_files})")
+        plan: dict[tuple[str, ...], zipfile.ZipInfo] = {}  # a later duplicate entry wins, as in zipfile
+        for info in infos:
+            parts = _member_parts(info, name)
+            if not info.is_dir() and parts and Path(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS:
+                plan[tuple(parts)] = info
+        if sum(i.file_size for i in plan.values()) > max_total_bytes:
+            raise ImageError(f"{name}: refused, images would expand beyond {limit} (possible zip bomb)")
+        root, budget = os.path.realpath(dest), max_total_bytes
+        written: list[Path] = []
+        made: list[Path] = []
+        try:
+            for parts, info in plan.items():
+                target = dest.joinpath(*parts)
+                if not os.path.realpath(target).startswith(root + os.sep):  # e.g. a symlink already in dest
+                    raise ImageError(f"{name}: refused, {info.filename!r} would be written outside {display_name(dest)}")
+                for d in reversed([d for d in [target.parent, *target.parent.parents] if not d.exists()]):
+                    d.mkdir()
+                    made.append(d)
+                with zf.open(info) as src, open(target, "xb") as out:
+                    written.append(target)
+                    while chunk := src.read(1 << 20):
+                        budget -= len(chunk)
+                        if budget < 0:
+                            raise ImageError(f"{name}: refused, images expand beyond {limit} (zip bomb)")
+                        out.write(chunk)
+        except Exception as exc:
+            for p in written:
+                p.unlink(missing_ok=True)
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            if isinstance(exc, ImageError):
+                raise
+            raise ImageError(f"{name}: cannot extract ({_one_line(exc)})") from None
+    return sorted(written, key=str)
