@@ -1,0 +1,298 @@
+"""`captioner caption PATH...`: caption many images in batches, to stdout, CSV or JSONL.
+
+Library use (the Gradio app): `caption_files(cap, paths, CaptionJob(beam=3), on_batch=..., progress=...)`
+returns one dict per path, in order: {"path", "caption", "score", "alternatives", "error"}."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .errors import CaptionerError
+from .images import display_name, find_images, load_image
+
+FIELDS = ("path", "caption", "score", "alternatives", "error")
+FORMATS = ("csv", "jsonl")
+Row = dict[str, Any]
+
+
+@dataclass
+class CaptionJob:
+    beam: int | None = None  # decoding options: None keeps the model's default
+    topk: int | None = None
+    max_len: int | None = None
+    length_penalty: float | None = None
+    no_repeat_ngram: int | None = None
+    batch_size: int = 32
+    workers: int = 0  # DataLoader processes that load + transform images (0: in this process)
+    progress_bar: bool = False  # tqdm bar (images/s) on stderr
+
+
+class _Files(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return i, self.transform(load_image(self.paths[i])), ""
+        except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
+            msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
+            return i, None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": ")
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, [(i, e) for i, x, e in items if x is None]
+
+
+def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob | None = None,
+                  on_batch: Callable[[list[Row]], None] | None = None,
+                  progress: Callable[[int], None] | None = None, **overrides: Any) -> list[Row]:
+    """Caption `paths` (a `Captioner`, batched encoder + beam search); one result dict per path, in order.
+    on_batch(rows) runs after each batch (e.g. a writer), progress(images_done) too; overrides are
+    CaptionJob fields (`beam=3`). `alternatives` holds every returned beam as [text, score], best first."""
+    job = replace(job or CaptionJob(), **overrides)
+    cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
+                            no_repeat_ngram=job.no_repeat_ngram)
+    paths = [Path(p) for p in paths]
+    loader = DataLoader(_Files(paths, cap.transform), batch_size=max(1, job.batch_size), num_workers=job.workers,
+                        collate_fn=_collate)
+    results: list[Row] = []
+    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
+        for idx, x, failed in loader:
+            rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err}
+                    for i, err in failed}
+            for i, c in zip(idx, cap.caption_tensors(x, cfg) if x is not None else []):
+                rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
+                           "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": ""}
+            batch = [rows[i] for i in sorted(rows)]
+            results += batch
+            if on_batch:
+                on_batch(batch)
+            bar.update(len(batch))
+            if progress:
+                progress(len(results))
+    return results
+
+
+# ----------------------------------------------------------------------------- files ------
+def _record(row: Row, alternatives: bool) -> Row:
+    """A result dict as written: scores rounded, alternatives only when asked for (topk > 1)."""
+    score = row["score"]
+    return {"path": row["path"], "caption": row["caption"], "score": None if score is None else round(score, 4),
+            "alternatives": [[t, round(s, 4)] for t, s in row["alternatives"]] if alternatives else [],
+            "error": row["error"] or None}
+
+
+def _dump(records: Sequence[Row], fmt: str, header: bool = False) -> str:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if header:
+        w.writerow(FIELDS)
+    for r in records:
+        w.writerow([_cell(r[k]) for k in FIELDS])
+    return buf.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, list):  # alternatives: a JSON list, or empty
+        return json.dumps(value, ensure_ascii=False) if value else ""
+    return "" if value is None else value
+
+
+def _open(path: Path, mode: str) -> Any:
+    try:
+        return open(path, mode, encoding="utf-8", errors="surrogateescape", newline="")
+    except OSError as exc:
+        raise CaptionerError(f"cannot write {display_name(path)}: {exc.strerror or exc}") from None
+
+
+def _write(f: Any, text: str) -> None:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_rows(path: Path, fmt: str, fix: bool = False) -> list[Row]:
+    """The rows of an earlier, maybe killed, run. Text after the last newline is a row cut short by
+    the kill: it is ignored, and with fix=True cut from the file so that appends start on a new line."""
+    try:
+        data = path.read_bytes() if path.exists() else b""
+    except OSError as exc:
+        raise CaptionerError(f"cannot read {display_name(path)}: {exc.strerror or exc}") from None
+    keep = data[:data.rfind(b"\n") + 1]
+    if fix and len(keep) < len(data):
+        os.truncate(path, len(keep))
+    lines = keep.decode("utf-8", "surrogateescape").split("\n")[:-1]
+    bad = CaptionerError(f"cannot resume: {display_name(path)} is not a captions {fmt.upper()} file "
+                         f"(fields {', '.join(FIELDS)}); remove it or drop --resume")
+    if fmt == "csv":
+        table = list(csv.reader(lines))
+        if table and tuple(table[0]) != FIELDS:
+            raise bad
+        return [dict(zip(FIELDS, r)) for r in table[1:] if len(r) == len(FIELDS)]
+    try:
+        rows = [json.loads(line) for line in lines]
+    except ValueError:
+        raise bad from None
+    if not all(isinstance(r, dict) and "path" in r for r in rows):
+        raise bad
+    return rows
+
+
+class FileWriter:
+    """Appends result rows to a CSV or JSONL file; flushed and fsync'd after every batch."""
+
+    def __init__(self, path: Path, fmt: str, append: bool, alternatives: bool) -> None:
+        self.fmt, self.alternatives = fmt, alternatives
+        self.f = _open(path, "a" if append else "w")
+        if fmt == "csv" and self.f.tell() == 0:
+            self.f.write(_dump([], fmt, header=True))
+
+    def __call__(self, rows: list[Row]) -> None:
+        _write(self.f, _dump([_record(r, self.alternatives) for r in rows], self.fmt))
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(glob.escape(out.name) + ".rank*.part"))
+
+
+def merge_parts(out: Path, fmt: str, parts: list[Path], order: Sequence[Path], keep_existing: bool) -> list[Row]:
+    """Rank 0 under torchrun: the parts (and out's own rows if keep_existing) into out, in `order`, atomically."""
+    position = {str(p): i for i, p in enumerate(order)}
+    records: dict[str, Row] = {}
+    for f in ([out] if keep_existing else []) + parts:
+        for r in read_rows(f, fmt):
+            records.setdefault(r["path"], r)
+    merged = sorted(records.values(), key=lambda r: position.get(r["path"], len(position)))
+    tmp = out.with_name(out.name + ".merge.tmp")
+    with _open(tmp, "w") as f:
+        _write(f, _dump(merged, fmt, header=True))
+    os.replace(tmp, out)
+    for f in _parts(out):
+        f.unlink(missing_ok=True)
+    return merged
+
+
+# ------------------------------------------------------------------------------- CLI ------
+def add_caption_parser(sub: argparse._SubParsersAction) -> None:
+    from .cli import _add_model_args, _add_search_args
+
+    p = sub.add_parser(
+        "caption", help="caption image files, folders and glob patterns in batches",
+        description="Caption images (sorted by path) in batches. Default output: PATH<TAB>caption lines on stdout. "
+                    "With -o, rows (path, caption, score, alternatives, error) are appended and synced after every "
+                    "batch, so a killed run loses nothing: rerun it with the same PATHs and --resume (rows are "
+                    "matched by path). Unreadable files are reported on stderr and written with `error` set. "
+                    "Exit code 0: all captioned, 3: some inputs failed, 2: usage error, 1: other errors.",
+        epilog="Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
+               "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
+               "process 0 merges them into OUT in sorted order, deletes the parts and sets the exit code "
+               "(torchrun reports any non-zero code as a failure).")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders, glob patterns (quoted)")
+    p.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders; `**` in patterns")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="OUT", help="out.csv or out.jsonl")
+    p.add_argument("--topk", type=int, default=None, help="also write the N best captions (alternatives; N <= --beam)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="image-loading processes (0 = in the main process; default %(default)s)")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT, caption only the missing images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_model_args(p)
+    _add_search_args(p)
+    p.set_defaults(func=run_caption, caption_parser=p)
+
+
+def _world() -> tuple[int, int]:
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
+    """Errors on stderr (around the progress bar); with stdout, PATH<TAB>caption (+ alternatives) lines."""
+    for r in rows:
+        if r["error"]:
+            tqdm.write(f"captioner: {display_name(r['path'])}: {r['error']}", file=sys.stderr)
+        elif stdout:
+            print(f"{display_name(r['path'])}\t{r['caption']}", flush=True)
+            for n, (text, score) in enumerate(r["alternatives"][1:] if alternatives else [], 2):
+                print(f"\t{n}. {text} ({score:.3f})", flush=True)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from .cli import _search_kwargs
+    from .model import Captioner
+
+    world, rank = _world()
+    problem = None
+    if args.output is not None and args.output.suffix.lower().lstrip(".") not in FORMATS:
+        problem = f"unknown output format {args.output.suffix or args.output.name!r}: use .csv or .jsonl"
+    elif args.output is None and (args.resume or world > 1):
+        problem = "--resume and torchrun need -o OUT"
+    elif args.batch_size < 1 or args.workers < 0 or (args.topk is not None and args.topk < 1):
+        problem = "--batch-size and --topk must be >= 1, --workers >= 0"
+    if problem:
+        args.caption_parser.print_usage(sys.stderr)
+        print(f"captioner caption: error: {problem}", file=sys.stderr)
+        return 2
+    paths, input_errors = find_images(args.inputs, args.recursive)
+    for name, msg in input_errors if rank == 0 else []:
+        print(f"captioner: {name}: {msg}", file=sys.stderr)
+    if not paths:
+        raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
+    local = os.environ.get("LOCAL_RANK", "0")
+    cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device)
+    job = CaptionJob(**_search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                     progress_bar=not args.no_progress and rank == 0 and sys.stderr.isatty())
+    alternatives = cap.search_config(**_search_kwargs(args), topk=args.topk).topk > 1
+    if args.output is None:
+        results = caption_files(cap, paths, job, lambda rows: _echo(rows, True, alternatives))
+        return 3 if input_errors or any(r["error"] for r in results) else 0
+
+    out, fmt = args.output, args.output.suffix.lower().lstrip(".")
+    part = out.with_name(f"{out.name}.rank{rank}.part") if world > 1 else out
+    old: list[Row] = []
+    if args.resume:
+        for f in [out] + (_parts(out) if world > 1 else []):
+            old += read_rows(f, fmt, fix=f == part)
+    done = {r["path"] for r in old}
+    writer = FileWriter(part, fmt, append=args.resume, alternatives=alternatives)
+    try:
+        results = caption_files(cap, [p for p in paths[rank::world] if str(p) not in done], job,
+                                lambda rows: (_echo(rows, False, alternatives), writer(rows)))
+    finally:
+        writer.close()
+    rows: list[Row] = old + results
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=timedelta(hours=12))
+        try:
+            dist.barrier()
+            if rank != 0:
+                return 0
+            parts = _parts(out) if args.resume else [out.with_name(f"{out.name}.rank{r}.part") for r in range(world)]
+            rows = merge_parts(out, fmt, parts, paths, keep_existing=args.resume)
+        finally:
+            dist.destroy_process_group()
+    return 3 if input_errors or any(r["error"] for r in rows) else 0

@@ -1,0 +1,50 @@
+"""The default model inside the package: plain weights, consistent config, fast on CPU."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from conftest import shared_or_skip
+from PIL import Image, ImageDraw
+
+from captioner.model import Captioner, default_model_path
+
+
+def test_shipped_checkpoint_is_plain_and_consistent():
+    path = default_model_path()
+    assert path.is_file(), "the package must ship captioner/assets/model.pt"
+    assert path.stat().st_size <= 30 * 2**20
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+    json.dumps(ckpt["config"])  # the config is JSON-able
+    assert "train_state" not in ckpt
+    vocab = ckpt["vocab"]
+    assert vocab[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and len(set(vocab)) == len(vocab)
+    assert ckpt["config"]["decoder"]["vocab_size"] == len(vocab)
+    assert ckpt["config"]["encoder"]["name"] == "efficientnet_lite0"
+    assert all(v.dtype in (torch.float16, torch.int64) for v in ckpt["decoder"].values())
+    assert {"a", "man", "dog", "on"} <= set(vocab)
+
+
+def test_shipped_model_captions_a_synthetic_image_under_a_second():
+    cap = Captioner.load()
+    img = Image.new("RGB", (320, 240), (90, 150, 220))
+    ImageDraw.Draw(img).rectangle((0, 150, 320, 240), fill=(60, 140, 50))
+    cap.caption([img])  # warm-up (first call allocates)
+    start = time.perf_counter()
+    out = cap.caption([img], beam=3)[0]
+    assert time.perf_counter() - start < 1.0
+    assert out.text and len(out.words) >= 3 and out.attention.shape == (len(out.words), 7, 7)
+
+
+def test_shipped_model_on_unseen_photos():
+    photos = shared_or_skip("photos")
+    cap = Captioner.load()
+    images = [Image.open(p).convert("RGB") for p in sorted(photos.glob("*.png"))]
+    texts = [c.text for c in cap.caption(images, beam=3)]
+    assert all(len(t.split()) >= 3 for t in texts)
+    assert len(set(texts)) >= 3, texts  # it looks at the image: not one caption for everything
+    if not texts:
+        pytest.fail("no photos")
