@@ -156,8 +156,9 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         from .images import load_image
 
-        torch.manual_seed(self.seed * 1_000_003 + i)  # augmented views are reproducible
-        return self.transform(load_image(self.paths[i]))
+        with torch.random.fork_rng(devices=[]):  # reproducible views; the caller's RNG is left alone
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            return self.transform(load_image(self.paths[i]))
 
 
 def cache_key(paths: Sequence[Path], encoder_cfg: dict, view: int) -> str:
@@ -176,8 +177,8 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
         return np.load(target, mmap_mode="r")
     from tqdm import tqdm
 
-    loader = DataLoader(_ImageFiles(paths, transform, seed=view), batch_size=batch_size,
-                        num_workers=num_workers, persistent_workers=False)
+    loader = DataLoader(_ImageFiles(paths, transform, seed=view), batch_size=batch_size, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(view))  # draws nothing from the global RNG
     tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
     out = None
     row = 0

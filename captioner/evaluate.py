@@ -71,7 +71,7 @@ def nearest_neighbour(cap: Captioner, specs: Sequence[str], split: str = "test",
     """Baseline: each image gets the consensus caption of the training image whose mean-pooled
     encoder feature is closest by cosine."""
     train, test = split_items(specs, "train"), split_items(specs, split)
-    pool = lambda f: torch.nn.functional.normalize(torch.from_numpy(np.asarray(f)).float().mean(1), dim=1)  # noqa: E731
+    pool = lambda f: torch.nn.functional.normalize(torch.from_numpy(np.array(f)).float().mean(1), dim=1)  # noqa: E731
     sims = pool(_features(cap, test, cache_dir, workers)) @ pool(_features(cap, train, cache_dir, workers)).T
     nearest = sims.argmax(1).tolist()
     hyps = [consensus_caption(train[j].captions) for j in nearest]

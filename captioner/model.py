@@ -85,6 +85,18 @@ def build_decoder(ckpt: dict[str, Any]) -> tuple[Decoder, Vocab]:
     return decoder.eval(), vocab
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CaptionerError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CaptionerError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CaptionerError(f"device {device!r} requested but MPS is not available here")
+    return dev
+
+
 @dataclass
 class Caption:
     text: str
@@ -99,7 +111,7 @@ class Captioner:
 
     def __init__(self, encoder: Encoder, decoder: Decoder, vocab: Vocab, search_cfg: SearchConfig,
                  device: str | torch.device = "cpu", config: dict | None = None):
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.encoder, self.decoder = encoder.to(self.device).eval(), decoder.to(self.device).eval()
         self.vocab, self.search_cfg, self.config = vocab, search_cfg, config or {}
         self.transform = image_transform(encoder.config.name)

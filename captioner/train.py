@@ -110,7 +110,7 @@ def decode_features(decoder: Decoder, vocab: Vocab, feats: np.ndarray | torch.Te
     specials = (vocab.pad, vocab.start, vocab.end, vocab.unk)
     out = []
     for i in range(0, len(feats), batch_size):
-        chunk = torch.as_tensor(np.asarray(feats[i:i + batch_size])).float().to(device)
+        chunk = torch.from_numpy(np.array(feats[i:i + batch_size])).float().to(device)
         out += [vocab.decode(h[0].tokens) for h in search(decoder, chunk, scfg, specials)]
     return out
 

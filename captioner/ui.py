@@ -1,0 +1,394 @@
+"""The Gradio web app: image, batch and video tabs around one shared `Captioner`.
+
+Start it with `python app.py` (see `python app.py --help`). Every tab is also an API endpoint
+(`/caption`, `/caption_batch`, `/caption_video`); from Python, with `pip install gradio_client`:
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/", analytics_enabled=False)  # no telemetry call to huggingface.co
+    text, alternatives, attention = client.predict(handle_file("photo.jpg"), 3, 20, 3, api_name="/caption")
+
+Nothing here leaves the machine: analytics are off, fonts are Gradio's bundled ones (no CDN), and
+`share` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .errors import CaptionerError  # noqa: E402
+from .images import IMAGE_EXTENSIONS  # noqa: E402
+from .model import Captioner  # noqa: E402
+
+MiB = 2**20
+MAX_IMAGE_BYTES = 50 * MiB  # one image (image tab, each batch file)
+MAX_UPLOAD = "500mb"  # any upload: videos and zip archives (Gradio's per-file limit)
+MAX_ZIP_FILES = 2000
+MAX_ZIP_BYTES = 512 * MiB  # uncompressed total of one archive
+MAX_VIDEO_FRAMES = 600
+OVERLAY_SIDE = 320  # longest side of the attention overlays
+THUMB_SIDE = 160
+GALLERY_LIMIT = 500  # thumbnails shown in the batch gallery (the table and files have every row)
+EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
+
+# Jet-like colour map: anchors at 0, .25, .5, .75, 1 (dark blue -> cyan -> yellow -> red).
+_CMAP_X = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+_CMAP_RGB = np.array([[0, 0, 128], [0, 160, 255], [120, 255, 120], [255, 200, 0], [200, 0, 0]], np.float32)
+
+CSS = """
+#caption textarea {font-size: 1.3rem; font-weight: 600;}
+/* galleries grow with their content (Gradio's default keeps 450 px however few the items) */
+#attention .grid-wrap.fixed-height, #batch-gallery .grid-wrap.fixed-height,
+#video-frames .grid-wrap.fixed-height {min-height: 12rem;}
+"""
+
+
+# ----------------------------------------------------------------------- attention -------
+def colormap(values: np.ndarray) -> np.ndarray:
+    """values in [0, 1] (any shape) -> RGB float32 (..., 3) in [0, 255]."""
+    v = np.clip(values, 0.0, 1.0)
+    return np.stack([np.interp(v, _CMAP_X, _CMAP_RGB[:, c]) for c in range(3)], -1).astype(np.float32)
+
+
+def attention_overlay(image: Image.Image, attention: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """Heat map of one (g, g) attention map over `image`: the map is min-max normalised, upsampled
+    bicubic to the image size, colour-mapped and alpha-blended (more opaque where attention is high)."""
+    rgb = np.asarray(image.convert("RGB"), np.float32)
+    h, w = rgb.shape[:2]
+    att = np.asarray(attention, np.float32)
+    att = att - att.min()
+    att = att / att.max() if att.max() > 0 else att
+    up = np.asarray(Image.fromarray(att, mode="F").resize((w, h), Image.Resampling.BICUBIC), np.float32)
+    up = np.clip(up, 0.0, 1.0)
+    a = (alpha * (0.35 + 0.65 * up))[..., None]
+    out = (1 - a) * rgb + a * colormap(up)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def _fit(image: Image.Image, side: int) -> Image.Image:
+    image = image.convert("RGB")
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return image
+
+
+# -------------------------------------------------------------------------- helpers ------
+class WorkDir:
+    """Per-request output folders under one temporary root (removed at exit); folders older than
+    `keep_s` are pruned when a new one is made. Gradio copies returned files into its own cache."""
+
+    def __init__(self, keep_s: float = 3600.0):
+        self._tmp = tempfile.TemporaryDirectory(prefix="captioner-ui-")
+        self.root, self.keep_s = Path(self._tmp.name), keep_s
+
+    def new(self, kind: str) -> Path:
+        now = time.time()
+        for old in self.root.iterdir():
+            try:
+                if now - old.stat().st_mtime > self.keep_s:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.root))
+
+
+def user_error(message: str, title: str = "Error") -> gr.Error:
+    """An error the user caused (shown in the page, no traceback in the server log)."""
+    return gr.Error(message, title=title, print_exception=False)
+
+
+def _mb(n: int) -> str:
+    return f"{n / MiB:.1f} MB"
+
+
+def _check_size(path: str | Path, limit: int = MAX_IMAGE_BYTES) -> None:
+    size = Path(path).stat().st_size
+    if size > limit:
+        raise user_error(f"{html.escape(Path(path).name)} is too large ({_mb(size)}, limit {_mb(limit)})")
+
+
+def _user_message(exc: BaseException, path: str | Path | None = None) -> str:
+    """An error for the browser: the server-side upload folder replaced by the file's own name, HTML-escaped
+    (gr.Error renders HTML, and file names inside archives are attacker-chosen)."""
+    text = str(exc)
+    if path is not None:
+        text = text.replace(str(path), Path(path).name)
+    return html.escape(text, quote=False)
+
+
+def _mmss(t: float) -> str:
+    return f"{int(t // 60):02d}:{t % 60:04.1f}"
+
+
+def _file_list(files: Any) -> list[Path]:
+    if not files:
+        return []
+    if isinstance(files, (str, Path)):
+        files = [files]
+    return [Path(f if isinstance(f, (str, Path)) else getattr(f, "name", f)) for f in files]
+
+
+def raw_upload(image: gr.Image) -> gr.Image:
+    """Make a type="filepath" gr.Image hand the uploaded file to the function untouched (its path), so
+    that captioner.images decodes it: one loader for the CLI and the app, with its EXIF, mode, size and
+    corrupt-file handling and clear messages (gr.Image would open it with PIL first and fail with a
+    traceback). Patched on the instance: a gr.Image subclass would make Gradio write a .pyi stub
+    next to this module at import time."""
+    original = image.preprocess
+
+    def preprocess(payload):  # noqa: ANN001, ANN202 - gr.Image's contract
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return original(payload)
+
+    image.preprocess = preprocess
+    return image
+
+
+# ------------------------------------------------------------------------ the tabs -------
+def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> Callable:
+    def caption(image: str | None, beam: float, max_len: float, topk: float):
+        """Caption one image. Returns the caption, a table of alternatives (caption, score) and one
+        attention heat map per word (gallery items labelled with the word)."""
+        from .images import ImageError, load_image
+
+        if not image:
+            raise user_error("Upload an image first (or pick an example).")
+        _check_size(image, max_image_bytes)
+        try:
+            pil = load_image(image)
+        except ImageError as exc:
+            raise user_error(_user_message(exc, image)) from None
+        try:
+            c = cap.caption([pil], beam=int(beam), max_len=int(max_len), topk=int(topk))[0]
+        except CaptionerError as exc:
+            raise user_error(_user_message(exc)) from None
+        alternatives = [[text, round(float(score), 4)] for text, score in c.alternatives]
+        small = _fit(pil, OVERLAY_SIDE)
+        maps = [(attention_overlay(small, att), word) for word, att in zip(c.words, c.attention)]
+        return c.text, alternatives, maps
+
+    return caption
+
+
+BATCH_HEADERS = ["file", "caption", "score", "error"]
+
+
+def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP_FILES,
+                     max_zip_bytes: int = MAX_ZIP_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES) -> Callable:
+    def caption_batch(files: list[str] | None, beam: float, progress=gr.Progress()):
+        """Caption many images; .zip archives are unpacked (safely) and their images captioned.
+        Returns thumbnails (gallery), a table (file, caption, score, error) and CSV and JSONL files."""
+        from .batch import caption_files
+        from .images import ImageError, is_zip, safe_extract_zip, to_rgb
+
+        paths = _file_list(files)
+        if not paths:
+            raise user_error("Upload some images or a .zip of images first.")
+        out = work.new("batch")
+        with tempfile.TemporaryDirectory(prefix="unzip-", dir=out) as unzip_root:
+            items: list[tuple[Path, str, str]] = []  # (path on disk, name shown, error found before decoding)
+            for i, p in enumerate(paths):
+                if is_zip(p):
+                    dest = Path(unzip_root) / f"{i:04d}"
+                    dest.mkdir()
+                    try:
+                        members = safe_extract_zip(p, dest, max_files=max_zip_files, max_total_bytes=max_zip_bytes)
+                    except ImageError as exc:
+                        raise user_error(_user_message(exc, p), title="Archive refused") from None
+                    items += [(m, f"{p.name}/{m.relative_to(dest).as_posix()}", "") for m in sorted(members)]
+                else:
+                    size = p.stat().st_size
+                    too_big = f"file too large ({_mb(size)}, limit {_mb(max_image_bytes)})"
+                    items.append((p, p.name, too_big if size > max_image_bytes else ""))
+            if not items:
+                raise user_error("No images found in the upload (in archives, only image files are read).")
+            todo = [p for p, _, pre in items if not pre]
+            progress((0, len(todo)), desc="captioning", unit="images")
+            done = iter(caption_files(cap, todo, beam=int(beam), topk=3,
+                                      progress=lambda n: progress((n, len(todo)), desc="captioning", unit="images")))
+            rows, thumbs, records = [], [], []
+            for path, name, pre in items:
+                r = {"caption": "", "score": None, "alternatives": [], "error": pre} if pre else next(done)
+                err = r.get("error") or ""
+                score = r.get("score")
+                score = None if score is None else round(float(score), 4)
+                rows.append([name, r.get("caption") or "", score, err])
+                records.append({"file": name, "caption": r.get("caption") or "", "score": score,
+                                "alternatives": [[t, round(float(sc), 4)] for t, sc in r.get("alternatives") or []],
+                                "error": err or None})
+                if not err and len(thumbs) < GALLERY_LIMIT:
+                    try:
+                        with Image.open(path) as im:
+                            im.draft("RGB", (THUMB_SIDE * 2, THUMB_SIDE * 2))
+                            thumbs.append((_fit(to_rgb(im), THUMB_SIDE), f"{name}: {r.get('caption')}"))
+                    except Exception:  # noqa: BLE001 - a thumbnail is decoration, the row stays
+                        pass
+        csv_path, jsonl_path = out / "captions.csv", out / "captions.jsonl"
+        with csv_path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(BATCH_HEADERS)
+            w.writerows(["" if v is None else v for v in row] for row in rows)
+        with jsonl_path.open("w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        return thumbs, rows, str(csv_path), str(jsonl_path)
+
+    return caption_batch
+
+
+SEGMENT_HEADERS = ["start", "end", "caption", "tags"]
+
+
+def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_FRAMES) -> Callable:
+    def caption_video(video: str | None, every: float, scenes: bool, beam: float, progress=gr.Progress()):
+        """Sample frames every `every` seconds (and on scene changes), caption them, merge into segments.
+        Returns the sampled frames (gallery, "mm:ss.s caption"), the segments table and SRT and VTT files."""
+        from .video import VideoError, probe, tag_video, write_srt, write_vtt
+
+        if not video:
+            raise user_error("Upload a video first.")
+        every = float(every or 0)
+        if every <= 0 and not scenes:
+            raise user_error("The sampling interval must be > 0 seconds (or 0 with scene changes on).")
+        out = work.new("video")
+        frames_dir = out / "frames"
+        try:
+            duration = probe(video)
+            total = min(max_frames, int(duration / every) + 1) if every > 0 and not scenes else None
+            progress((0, total), desc="captioning frames", unit="frames")
+            caption_fn = lambda frames: [c.text for c in cap.caption(frames, beam=int(beam))]  # noqa: E731
+            res = tag_video(video, caption_fn, every=every, scenes=bool(scenes), frames_dir=frames_dir,
+                            max_frames=max_frames,
+                            progress=lambda n: progress((n, total), desc="captioning frames", unit="frames"))
+        except VideoError as exc:
+            raise user_error(_user_message(exc, video)) from None
+        if len(res.times) >= max_frames:
+            gr.Warning(f"Stopped after {max_frames} frames (at {_mmss(res.times[-1])}); "
+                       "sample less often to cover the whole video.")
+        frames = sorted(frames_dir.glob("*.jpg"))
+        gallery = [(str(f), f"{_mmss(t)} {c}") for f, t, c in zip(frames, res.times, res.captions)]
+        rows = [[round(s.start, 2), round(s.end, 2), s.caption, ", ".join(s.tags)] for s in res.segments]
+        stem = Path(video).stem or "video"
+        srt, vtt = out / f"{stem}.srt", out / f"{stem}.vtt"
+        write_srt(res.segments, srt)
+        write_vtt(res.segments, vtt)
+        return gallery, rows, str(srt), str(vtt)
+
+    return caption_video
+
+
+def example_images() -> list[str]:
+    return sorted(str(p) for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zip_files: int = MAX_ZIP_FILES,
+               max_zip_bytes: int = MAX_ZIP_BYTES, max_video_frames: int = MAX_VIDEO_FRAMES) -> gr.Blocks:
+    """The Blocks app around one loaded `Captioner` (shared by every tab and request)."""
+    work = WorkDir()
+    beam0, len0 = cap.search_cfg.beam, cap.search_cfg.max_len
+    enc = cap.config.get("encoder", {}).get("name", "?")
+
+    with gr.Blocks(title="captioner", delete_cache=(3600, 3600)) as demo:
+        demo.captioner_workdir = work  # keep the temporary root alive as long as the app
+        gr.Markdown(f"## captioner\nOffline image and video captioning: {enc} encoder + attention LSTM decoder. "
+                    "Everything runs on this machine.")
+        with gr.Tab("Image", id="image"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1):
+                    image = raw_upload(gr.Image(type="filepath", image_mode=None, label="Image", height=340,
+                                                sources=["upload", "webcam", "clipboard"], elem_id="image-input"))
+                    with gr.Row():
+                        beam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size",
+                                         info="1 = greedy")
+                        max_len = gr.Slider(3, max(40, len0), value=len0, step=1, label="Max length (words)")
+                        topk = gr.Slider(1, 8, value=3, step=1, label="Alternatives", info="top-N beams")
+                    run = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                    examples = example_images()
+                    if examples:
+                        gr.Examples(examples, inputs=image, label="Examples (drawn procedurally, CC0)",
+                                    examples_per_page=8)
+                with gr.Column(scale=1):
+                    caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption", lines=1)
+                    alternatives = gr.Dataframe(headers=["caption", "score"], datatype=["str", "number"],
+                                                label="Alternatives (length-normalised log-probability)",
+                                                interactive=False, elem_id="alternatives", wrap=True,
+                                                column_widths=["80%", "20%"])
+                    attention = gr.Gallery(label="Attention: where the model looked for each word",
+                                           elem_id="attention", columns=4, height="auto", object_fit="contain",
+                                           preview=False)
+            run.click(caption_image_fn(cap, max_image_bytes), [image, beam, max_len, topk],
+                      [caption, alternatives, attention], api_name="caption")
+
+        with gr.Tab("Batch", id="batch"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1):
+                    files = gr.File(file_count="multiple", label="Images and/or .zip archives of images",
+                                    elem_id="batch-files", height=200)
+                    bbeam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size")
+                    brun = gr.Button("Caption all", variant="primary", elem_id="batch-button")
+                    csv_out = gr.File(label="CSV (file, caption, score, error)", elem_id="batch-csv",
+                                      interactive=False)
+                    jsonl_out = gr.File(label="JSONL (with alternatives)", elem_id="batch-jsonl", interactive=False)
+                with gr.Column(scale=2):
+                    thumbs = gr.Gallery(label="Thumbnails", elem_id="batch-gallery", columns=6, height="auto",
+                                        object_fit="cover", preview=False)
+                    table = gr.Dataframe(headers=BATCH_HEADERS, datatype=["str", "str", "number", "str"],
+                                         label="Captions", interactive=False, elem_id="batch-table", wrap=True,
+                                         column_widths=["20%", "42%", "12%", "26%"])
+            brun.click(caption_batch_fn(cap, work, max_zip_files, max_zip_bytes, max_image_bytes), [files, bbeam],
+                       [thumbs, table, csv_out, jsonl_out], api_name="caption_batch")
+
+        with gr.Tab("Video", id="video"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1):
+                    video = gr.Video(label="Video", sources=["upload"], include_audio=True, height=280,
+                                     elem_id="video-input")
+                    with gr.Row():
+                        every = gr.Number(value=1.0, minimum=0, label="Sample every (seconds)", step=0.5)
+                        scenes = gr.Checkbox(value=False, label="Also sample on scene changes")
+                    vbeam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size")
+                    vrun = gr.Button("Caption video", variant="primary", elem_id="video-button")
+                    srt_out = gr.File(label="SRT subtitles", elem_id="video-srt", interactive=False)
+                    vtt_out = gr.File(label="WebVTT subtitles", elem_id="video-vtt", interactive=False)
+                with gr.Column(scale=2):
+                    frames = gr.Gallery(label="Sampled frames", elem_id="video-frames", columns=5, height="auto",
+                                        object_fit="contain", preview=False)
+                    segments = gr.Dataframe(headers=SEGMENT_HEADERS, datatype=["number", "number", "str", "str"],
+                                            label="Segments (seconds)", interactive=False, elem_id="video-segments",
+                                            wrap=True)
+            vrun.click(caption_video_fn(cap, work, max_video_frames), [video, every, scenes, vbeam],
+                       [frames, segments, srt_out, vtt_out], api_name="caption_video")
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo
+
+
+def theme() -> gr.themes.Base:
+    """Gradio's default look with its bundled fonts (served by the app itself, never a CDN)."""
+    return gr.themes.Default(font=[gr.themes.LocalFont("Source Sans Pro"), "system-ui", "sans-serif"],
+                             font_mono=[gr.themes.LocalFont("IBM Plex Mono"), "monospace"])
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           **kwargs: Any):
+    """demo.launch with this app's settings: theme, CSS, upload limit, no share unless asked. Unexpected
+    errors (not our gr.Error messages, which always show) are detailed in the page only on a local-only
+    server; otherwise the page says "Error" and the details stay in the server log."""
+    local_only = host in ("127.0.0.1", "localhost", "::1") and not share
+    opts: dict[str, Any] = dict(server_name=host, server_port=port, share=share, theme=theme(), css=CSS,
+                                max_file_size=MAX_UPLOAD, footer_links=["api", "settings"], show_error=local_only,
+                                ssr_mode=False, mcp_server=False)
+    opts.update(kwargs)
+    return demo.launch(**opts)

@@ -1,0 +1,146 @@
+"""The web app in a real browser: Playwright driving Debian's Chromium (/usr/bin/chromium; never
+`playwright install`). Uploads, clicks, waits for results, checks that the page fetches nothing from
+outside this machine, and saves a screenshot of each tab to docs/screenshots/ for the README."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from test_app import make_video  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "docs" / "screenshots"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model):
+    from captioner import ui
+    from captioner.model import Captioner, default_model_path
+
+    # the shipped model when there is one (the screenshots go into the README), else the tiny random one
+    model = default_model_path() if default_model_path().is_file() else tiny_model
+    demo = ui.build_demo(Captioner.load(model))
+    port = free_port()
+    ui.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-dev-shm-usage"])
+        context = browser.new_context(viewport={"width": 1360, "height": 900}, device_scale_factor=1)
+        pg = context.new_page()
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.requested = []  # every URL the page asked for
+        pg.on("request", lambda req: pg.requested.append(req.url))
+        pg.goto(app_url, wait_until="networkidle")
+        try:
+            yield pg
+        finally:
+            context.close()
+            browser.close()
+
+
+def shoot(pg, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    pg.wait_for_timeout(500)  # let transitions settle
+    pg.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def open_tab(pg, name: str) -> None:
+    pg.get_by_role("tab", name=name).click()
+
+
+def test_image_tab(page):
+    from captioner.ui import example_images
+
+    # an example, picked from the examples table
+    page.locator('img[src*="red_ball.jpg"]').first.click()
+    page.locator("#caption-button").click()
+    page.wait_for_function("() => (document.querySelector('#caption textarea')?.value || '').trim().length > 0")
+    page.locator("#attention img").first.wait_for()
+    # an upload
+    example = next(p for p in example_images() if "landscape" in p)
+    page.locator("#image-input input[type=file]").set_input_files(example)
+    page.wait_for_selector('#image-input img[src*="landscape"]')
+    before = page.locator("#attention img").first.get_attribute("src")
+    page.locator("#caption-button").click()
+    page.wait_for_function("(before) => { const img = document.querySelector('#attention img');"
+                           " return img && img.getAttribute('src') !== before; }", arg=before)
+    caption = page.locator("#caption textarea").input_value().strip()
+    assert caption
+    items = page.locator("#attention img")
+    items.first.wait_for()
+    assert items.count() == len(caption.split())  # one heat map per word
+    assert page.locator("#alternatives").get_by_text(caption, exact=True).count() >= 1
+    shoot(page, "image")
+
+
+def test_batch_tab(page, tmp_path):
+    from captioner.ui import example_images
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    files = [*example_images(), str(broken)]
+    open_tab(page, "Batch")
+    page.locator("#batch-files input[type=file]").set_input_files(files)
+    page.locator('#batch-files [aria-label="broken.jpg"]').wait_for()
+    page.locator("#batch-button").click()
+    page.locator("#batch-table").get_by_text("broken.jpg").first.wait_for()
+    assert page.locator("#batch-table").get_by_text("not an image", exact=False).count() >= 1
+    page.locator("#batch-gallery img").nth(len(files) - 2).wait_for()
+    assert page.locator("#batch-gallery img").count() == len(files) - 1
+    page.locator('#batch-csv a[download="captions.csv"]').wait_for()
+    shoot(page, "batch")
+
+
+def test_video_tab(page, tmp_path):
+    clip = make_video(tmp_path / "colours.mp4")
+    open_tab(page, "Video")
+    page.locator("#video-input input[type=file]").set_input_files(str(clip))
+    page.locator("#video-input video").first.wait_for(state="attached")
+    page.locator("#video-button").click()
+    page.locator("#video-frames img").nth(5).wait_for()
+    assert page.locator("#video-frames img").count() == 6
+    page.locator('#video-srt a[download="colours.srt"]').wait_for()
+    shoot(page, "video")
+
+
+def test_nothing_fetched_from_outside(page):
+    outside = [u for u in page.requested
+               if urlparse(u).scheme in ("http", "https", "ws", "wss") and urlparse(u).hostname not in LOCAL_HOSTS]
+    assert not outside, f"the page fetched from outside this machine: {outside[:5]}"
