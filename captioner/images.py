@@ -106,7 +106,7 @@ def load_image(path: PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ImageError(f"{name}: " + ("is a folder, not an image file" if stat.S_ISDIR(mode) else "not a regular file"))
         fp = open(path, "rb")
     except FileNotFoundError:
-        raise ImageError(f"{name}: file not found") from None
+        raise ImageError(f"{name}: " + ("broken symbolic link" if os.path.islink(path) else "file not found")) from None
     except PermissionError:
         raise ImageError(f"{name}: permission denied") from None
     except (OSError, ValueError) as exc:
@@ -146,10 +146,11 @@ def _walk(root: Path, max_depth: float, errors: list[tuple[str, str]]) -> Iterat
                     continue
                 if e.is_dir() and depth < max_depth:  # linked folders go last: real paths win over link paths
                     stack.insert(0 if e.is_symlink() else len(stack), (Path(e.path), depth + 1))
-                elif e.is_file():
+                elif e.is_file() or (e.is_symlink() and not e.is_dir()):  # a broken link: reported by
+                    yield Path(e.path)  # load_image, not silently skipped
+            except OSError:  # a link loop (is_dir/is_file raise ELOOP): reported by load_image too
+                if e.is_symlink():
                     yield Path(e.path)
-            except OSError:
-                continue
 
 
 def _match(parts: Sequence[str], pats: Sequence[str]) -> bool:
