@@ -184,7 +184,7 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
     row = 0
     encoder.to(device)
     for images in tqdm(loader, desc=f"encoding view {view}", unit="batch", leave=False):
-        feats, _ = encoder.encode(images.to(device))
+        feats = encoder.encode_cached(images.to(device))
         if out is None:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *feats.shape[1:]))
         out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)

@@ -47,6 +47,7 @@ class EncoderConfig:
     name: str = "efficientnet_lite0"
     pretrained: bool = True  # False: random weights (tests, synthetic data)
     grid: int = 7  # 7: last feature map (stride 32); 14: stride-16 stage (fewer channels)
+    finetune: int = 0  # EfficientNet-Lite: train the last N stages (+ head conv); 0 = frozen
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,9 +131,37 @@ class Encoder(nn.Module):
             build = _build_lite if self.is_lite else _build_torchvision
             self.net = build(config.name, config.pretrained)
         self.net.eval().requires_grad_(False)
+        if config.finetune and (not self.is_lite or config.grid != 7 or not 0 < config.finetune <= len(self.net.blocks)):
+            raise CaptionerError("fine-tuning needs an EfficientNet-Lite encoder with grid 7 and "
+                                 f"1..{len(getattr(self.net, 'blocks', []))} stages")
         with torch.no_grad():
             feats, _ = self._forward(torch.zeros(1, 3, 224, 224))
         self.dim = feats.shape[-1]
+
+    # -- fine-tuning: a frozen trunk (cached like features) and a trainable head ----------
+    def finetune_modules(self) -> list[nn.Module]:
+        k = self.config.finetune
+        return [*self.net.blocks[len(self.net.blocks) - k:], self.net.conv_head, self.net.bn2] if k else []
+
+    def finetune_state(self) -> dict[str, torch.Tensor]:
+        """The weights fine-tuning changes (stored in the checkpoint; the rest come from the package)."""
+        names = {id(p) for m in self.finetune_modules() for p in [*m.parameters(), *m.buffers()]}
+        return {k: v.detach().cpu() for k, v in self.net.state_dict(keep_vars=True).items() if id(v) in names}
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen part: images -> activations entering the fine-tuned stages."""
+        net = self.net
+        x = net.bn1(net.conv_stem(x))
+        for stage in net.blocks[: len(net.blocks) - self.config.finetune]:
+            x = stage(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The fine-tuned part (differentiable): trunk activations -> annotation vectors (B, L, D)."""
+        net = self.net
+        for stage in net.blocks[len(net.blocks) - self.config.finetune:]:
+            x = stage(x)
+        return net.bn2(net.conv_head(x)).flatten(2).transpose(1, 2)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         net, grid14 = self.net, self.config.grid == 14
@@ -176,6 +205,14 @@ class Encoder(nn.Module):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             feats, logits = self._forward(images)
         return feats.float(), logits.float()
+
+    def encode_cached(self, images: torch.Tensor) -> torch.Tensor:
+        """What the feature cache stores: annotation vectors, or trunk activations when fine-tuning."""
+        if not self.config.finetune:
+            return self.encode(images)[0]
+        bf16 = images.device.type == "cuda" or (images.device.type == "cpu" and cpu_has_fast_bf16())
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return self.trunk(images.contiguous(memory_format=torch.channels_last)).float()
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ class TrainConfig:
     encoder: str = "efficientnet_lite0"
     pretrained: bool = True
     grid: int = 7
+    finetune: int = 0  # fine-tune the encoder's last N stages on cached trunk activations (0: frozen)
+    finetune_lr: float = 0.1  # encoder LR = lr * finetune_lr
     views: int = 1  # cached feature sets per training image: centre crop, mirror, random crops
     min_count: int = 2
     max_len: int = 20
@@ -105,12 +107,13 @@ def split_features(items: list[Item], split: str, encoder: Encoder, cfg: TrainCo
 
 @torch.no_grad()
 def decode_features(decoder: Decoder, vocab: Vocab, feats: np.ndarray | torch.Tensor, scfg: SearchConfig,
-                    device: torch.device, batch_size: int = 100) -> list[str]:
+                    device: torch.device, batch_size: int = 100, head: Callable | None = None) -> list[str]:
     decoder.eval()
     specials = (vocab.pad, vocab.start, vocab.end, vocab.unk)
     out = []
     for i in range(0, len(feats), batch_size):
         chunk = torch.from_numpy(np.array(feats[i:i + batch_size])).float().to(device)
+        chunk = head(chunk) if head is not None else chunk
         out += [vocab.decode(h[0].tokens) for h in search(decoder, chunk, scfg, specials)]
     return out
 
@@ -145,7 +148,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     else:
         vocab = Vocab.build((c for it in items if it.split == "train" for c in it.captions), cfg.min_count)
 
-    encoder = Encoder(EncoderConfig(cfg.encoder, cfg.pretrained, cfg.grid))
+    encoder = Encoder(EncoderConfig(cfg.encoder, cfg.pretrained, cfg.grid, cfg.finetune))
+    if cfg.finetune and distributed:
+        raise CaptionerError("--finetune is not supported under torchrun yet (encoder gradients are not synchronised)")
     if rank == 0:  # rank 0 fills the cache, the others then read it
         train_views = split_features(items, "train", encoder, cfg, cfg.views)
         val_feats = split_features(items, "val", encoder, cfg)[0]
@@ -164,10 +169,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         decoder.classifier.load_state_dict(encoder.net.classifier.state_dict())
     decoder = decoder.to(device)
     optim = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    encoder.to(device)
+    tuned = [p for m in encoder.finetune_modules() for p in m.parameters()]
+    if tuned:  # BN statistics stay frozen (eval mode); only weights move, at a smaller LR
+        for p in tuned:
+            p.requires_grad_(True)
+        optim.add_param_group({"params": tuned, "lr": cfg.lr * cfg.finetune_lr})
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience)
     ts = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "elapsed": 0.0}
     if state is not None:
         decoder.load_state_dict(state["decoder"])
+        if "encoder" in state:
+            encoder.net.load_state_dict(state["encoder"], strict=False)
         optim.load_state_dict(state["train_state"]["optimizer"])
         sched.load_state_dict(state["train_state"]["scheduler"])
         ts = {k: state["train_state"][k] for k in ts}
@@ -200,13 +213,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         for feats, caps in bar:
             feats, caps = feats.to(device), caps.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if tuned:
+                    feats = encoder.head(feats)
                 logits, alphas = model(feats, caps)
             target = caps[:, 1:]
             loss = criterion(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
             loss = loss + cfg.alpha_c * attention_penalty(alphas.float(), (target != vocab.pad).float())
             optim.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_([*decoder.parameters(), *tuned], cfg.grad_clip)
             optim.step()
             total, steps = total + loss.item(), steps + 1
             bar.set_postfix(loss=f"{total / steps:.3f}")
@@ -214,7 +229,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         # validation by real decoding (rank 0), shared with every rank
         score = torch.zeros(1)
         if rank == 0:
-            hyps = decode_features(decoder, vocab, val_feats, scfg, device)
+            hyps = decode_features(decoder, vocab, val_feats, scfg, device, head=encoder.head if tuned else None)
             metrics = score_captions(hyps, [it.captions for it in val_items])
             score[0] = metrics["BLEU-4"]
         if distributed:
@@ -235,10 +250,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            weights = {k: v.detach().cpu() for k, v in decoder.state_dict().items()}
+            weights = {"vocab": vocab.itos, "decoder": {k: v.detach().cpu() for k, v in decoder.state_dict().items()}}
+            if tuned:
+                weights["encoder"] = encoder.finetune_state()
             if improved:
-                save_checkpoint(best_path, {"config": {**config, "val": record}, "vocab": vocab.itos, "decoder": weights})
-            save_checkpoint(last_path, {"config": config, "vocab": vocab.itos, "decoder": weights, "train_state": {
+                save_checkpoint(best_path, {"config": {**config, "val": record}, **weights})
+            save_checkpoint(last_path, {"config": config, **weights, "train_state": {
                 **ts, "optimizer": optim.state_dict(), "scheduler": sched.state_dict()}})
         if ts["bad_epochs"] >= cfg.patience:
             log.info("early stop: no better validation BLEU-4 for %d epochs (best %.4f at epoch %d)",
@@ -257,11 +274,12 @@ def export(src: Path, dst: Path, half: bool = True, search_overrides: dict | Non
     """Strip training state; store weights in fp16 (half the size, same captions to ~1e-3)."""
     ckpt = load_checkpoint(src)
     build_decoder(ckpt)  # validates
-    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt["decoder"].items()}
+    halve = lambda sd: {k: (v.half() if half and v.is_floating_point() else v) for k, v in sd.items()}  # noqa: E731
     config = dict(ckpt["config"])
     if search_overrides:
         config["search"] = {**config.get("search", {}), **search_overrides}
-    save_checkpoint(dst, {"config": config, "vocab": ckpt["vocab"], "decoder": weights})
+    extra = {"encoder": halve(ckpt["encoder"])} if "encoder" in ckpt else {}
+    save_checkpoint(dst, {"config": config, "vocab": ckpt["vocab"], "decoder": halve(ckpt["decoder"]), **extra})
     return dst
 
 

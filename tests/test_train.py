@@ -106,3 +106,29 @@ def test_torchrun_two_cpu_processes(tmp_path, shapes):
     assert cap.caption([__import__("PIL.Image").Image.new("RGB", (64, 64), "red")])[0].text
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_finetune_last_stage_on_cached_trunk_activations(tmp_path):
+    """--finetune 1: the trunk is cached, the last stage + head conv train, the checkpoint
+    carries those weights and Captioner.load puts them back."""
+    data = make_dataset(tmp_path / "ft", n_train=24, n_val=8, n_test=0)
+    cfg = {**SMALL, "encoder": "efficientnet_lite0", "pretrained": True, "finetune": 1, "feat_proj": 32,
+           "epochs": 1, "batch_size": 8}
+    best = train(TrainConfig(data=[str(data)], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), **cfg))
+    ckpt = load_checkpoint(best)
+    tuned = ckpt["encoder"]
+    assert tuned and all(k.split(".")[0] in ("blocks", "conv_head", "bn2") for k in tuned)
+    assert all(k.startswith("blocks.6.") for k in tuned if k.startswith("blocks"))
+    from captioner.encoder import Encoder, EncoderConfig
+
+    fresh = Encoder(EncoderConfig("efficientnet_lite0")).net.state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in tuned.items() if v.is_floating_point())
+    cap = Captioner.load(best)
+    loaded = cap.encoder.net.state_dict()
+    assert all(torch.equal(loaded[k].float(), v.float()) for k, v in tuned.items())
+    assert cap.caption([__import__("PIL.Image").Image.new("RGB", (64, 64), "red")])[0].text is not None
+    from captioner.train import export
+
+    small = load_checkpoint(export(best, tmp_path / "small.pt"))
+    assert set(small["encoder"]) == set(tuned) and "train_state" not in small
+    Captioner.load(tmp_path / "small.pt")
