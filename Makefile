@@ -38,4 +38,4 @@ model: setup  ## rebuild the shipped default model captioner/assets/model.pt
 
 ucm: setup  ## the UCM-Captions (aerial) model and its test BLEU
 	$(BIN)/captioner train --data $(DATA)/ucm-captions --out runs/ucm --epochs 15 --seed 0
-	$(BIN)/captioner evaluate --model runs/ucm/best.pt --data $(DATA)/ucm-captions --split test --beam 3 --length-penalty 0.5
+	$(BIN)/captioner evaluate --model runs/ucm/best.pt --data $(DATA)/ucm-captions --split test --beam 3 --length-penalty 1.0

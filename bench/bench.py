@@ -115,8 +115,8 @@ def stage_caption(args, data: Path, beam: int) -> dict:
     spent = timed_load()
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        rc = main(["caption", str(data), "-o", f"{tmp}/out.csv", "--beam", str(beam), "--batch-size", "32",
-                   "--no-progress", "-q"])
+        rc = main(["-q", "caption", str(data), "-o", f"{tmp}/out.csv", "--beam", str(beam), "--batch-size", "32",
+                   "--no-progress"])
         total = time.perf_counter() - t
     assert rc == 0, f"captioner caption exited with {rc}"
     n = len(list(data.glob("*.jpg")))
@@ -148,7 +148,7 @@ def stage_video(args, video: Path, every: float) -> dict:
     spent = timed_load()
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        rc = main(["video", str(video), "--every", str(every), "-o", f"{tmp}/out.json", "-q"])
+        rc = main(["-q", "video", str(video), "--every", str(every), "-o", f"{tmp}/out.json"])
         total = time.perf_counter() - t
         frames = len(json.loads(Path(f"{tmp}/out.json").read_text())["videos"][0]["times"])
     assert rc == 0, f"captioner video exited with {rc}"

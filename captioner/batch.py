@@ -6,6 +6,7 @@ returns one dict per path, in order: {"path", "caption", "score", "alternatives"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import io
@@ -131,6 +132,11 @@ def _write(f: Any, text: str) -> None:
     os.fsync(f.fileno())
 
 
+def _write_error(path: Path, exc: OSError) -> str:
+    """'cannot write OUT: No space left on device' (ENOSPC, EROFS, EACCES, EIO, ...)."""
+    return f"cannot write {display_name(path)}: {exc.strerror or ' '.join(str(exc).split()) or 'I/O error'}"
+
+
 def read_rows(path: Path, fmt: str, fix: bool = False) -> list[Row]:
     """The rows of an earlier, maybe killed, run. Text after the last newline is a row cut short by
     the kill: it is ignored, and with fix=True cut from the file so that appends start on a new line."""
@@ -140,7 +146,10 @@ def read_rows(path: Path, fmt: str, fix: bool = False) -> list[Row]:
         raise CaptionerError(f"cannot read {display_name(path)}: {exc.strerror or exc}") from None
     keep = data[:data.rfind(b"\n") + 1]
     if fix and len(keep) < len(data):
-        os.truncate(path, len(keep))
+        try:
+            os.truncate(path, len(keep))
+        except OSError as exc:
+            raise CaptionerError(_write_error(path, exc)) from None
     lines = keep.decode("utf-8", "surrogateescape").split("\n")[:-1]
     bad = CaptionerError(f"cannot resume: {display_name(path)} is not a captions {fmt.upper()} file "
                          f"(fields {', '.join(FIELDS)}); remove it or drop --resume")
@@ -159,19 +168,56 @@ def read_rows(path: Path, fmt: str, fix: bool = False) -> list[Row]:
 
 
 class FileWriter:
-    """Appends result rows to a CSV or JSONL file; flushed and fsync'd after every batch."""
+    """Appends result rows to a CSV or JSONL file; flushed and fsync'd after every batch.
+
+    A write that fails (disk full, read-only or vanished file system, I/O error) leaves the file as it
+    was after the last complete batch (the half-written batch is cut off; a file this writer created and
+    that got no row is removed) and raises a one-line CaptionerError saying what was kept."""
 
     def __init__(self, path: Path, fmt: str, append: bool, alternatives: bool) -> None:
-        self.fmt, self.alternatives = fmt, alternatives
+        self.path, self.fmt, self.alternatives = path, fmt, alternatives
+        self.created = not (append and path.exists())
         self.f = _open(path, "a" if append else "w")
-        if fmt == "csv" and self.f.tell() == 0:
-            self.f.write(_dump([], fmt, header=True))
+        self.rows = self.good = 0
+        self.good = self._size()  # the file's size after the last complete write
+        if fmt == "csv" and self.good == 0:
+            self._put(_dump([], fmt, header=True))
+
+    def _size(self) -> int:
+        try:
+            return os.fstat(self.f.fileno()).st_size
+        except OSError as exc:
+            self._fail(exc)
+
+    def _put(self, text: str) -> None:
+        try:
+            _write(self.f, text)
+        except OSError as exc:
+            self._fail(exc)
+        self.good = self._size()
+
+    def _fail(self, exc: OSError) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()  # may flush (part of) the failed batch once more: cut off below
+        kept = self.rows > 0 or not self.created
+        try:
+            if kept:
+                os.truncate(self.path, self.good)
+            else:
+                self.path.unlink(missing_ok=True)
+            state = (f"{display_name(self.path)} keeps the {self.rows} rows written before; rerun with --resume "
+                     "to caption the rest" if self.rows else "nothing was written")
+        except OSError:
+            state = f"{display_name(self.path)} may end with a partial row (ignored by --resume)"
+        raise CaptionerError(f"{_write_error(self.path, exc)} ({state})") from None
 
     def __call__(self, rows: list[Row]) -> None:
-        _write(self.f, _dump([_record(r, self.alternatives) for r in rows], self.fmt))
+        self._put(_dump([_record(r, self.alternatives) for r in rows], self.fmt))
+        self.rows += len(rows)
 
     def close(self) -> None:
-        self.f.close()
+        with contextlib.suppress(OSError):  # every row was already flushed and synced
+            self.f.close()
 
 
 def _parts(out: Path) -> list[Path]:
@@ -187,9 +233,14 @@ def merge_parts(out: Path, fmt: str, parts: list[Path], order: Sequence[Path], k
             records.setdefault(r["path"], r)
     merged = sorted(records.values(), key=lambda r: position.get(r["path"], len(position)))
     tmp = out.with_name(out.name + ".merge.tmp")
-    with _open(tmp, "w") as f:
-        _write(f, _dump(merged, fmt, header=True))
-    os.replace(tmp, out)
+    try:
+        with _open(tmp, "w") as f:
+            _write(f, _dump(merged, fmt, header=True))
+        os.replace(tmp, out)
+    except OSError as exc:  # the parts stay: a rerun with --resume merges them
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CaptionerError(_write_error(out, exc)) from None
     for f in _parts(out):
         f.unlink(missing_ok=True)
     return merged

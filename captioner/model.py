@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, fields
@@ -37,16 +38,20 @@ def default_model_path() -> Path:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic: write to a temporary file in the same folder, fsync, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, read-only, permissions: the old file is untouched
+            raise CaptionerError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
         raise
 
 
@@ -59,12 +64,16 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "weights_only" in str(exc) or "Unsupported" in str(exc):
-            raise CaptionerError(f"refused to load {path}: it contains pickled Python objects, not plain "
-                                 f"weights (weights_only=True). {first[:200]}") from None
+            # not torch's text: it explains how to load the file anyway, running whatever code it holds
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f" ({found.group(1)})" if found else ""
+            raise CaptionerError(f"refused to load {path}: it contains pickled Python code or objects{what}, "
+                                 "not plain weights; only weights are ever loaded") from None
         raise CaptionerError(f"{path} is not a valid captioner checkpoint (corrupt or truncated): {first[:200]}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CaptionerError(f"{path} is not a valid captioner checkpoint (corrupt or truncated): "
-                             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from None
+        detail = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CaptionerError(f"{path} is not a valid captioner checkpoint (corrupt or truncated)"
+                             + (f": {detail}" if detail else "")) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CaptionerError(f"{path} is not a captioner checkpoint (format {FORMAT!r} expected)")
     return ckpt
@@ -80,8 +89,9 @@ def build_decoder(ckpt: dict[str, Any]) -> tuple[Decoder, Vocab]:
     state = {k: v.float() for k, v in ckpt["decoder"].items()}
     try:
         decoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CaptionerError(f"checkpoint weights do not match its config: {str(exc).splitlines()[0][:200]}") from None
+    except RuntimeError as exc:  # "Error(s) in loading state_dict ...:" then one line per problem
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CaptionerError(f"checkpoint weights do not match its config: {lines[min(1, len(lines) - 1)][:200]}") from None
     return decoder.eval(), vocab
 
 
@@ -122,12 +132,23 @@ class Captioner:
         if path == default_model_path() and not path.is_file():
             raise CaptionerError(f"the default model is missing from the package ({path}); reinstall, or pass --model")
         ckpt = load_checkpoint(path)
-        decoder, vocab = build_decoder(ckpt)
-        enc = ckpt["config"]["encoder"]
+        try:
+            decoder, vocab = build_decoder(ckpt)
+            enc = ckpt["config"]["encoder"]
+        except CaptionerError as exc:
+            raise CaptionerError(f"{path}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a key missing, a value of the wrong type
+            raise CaptionerError(f"{path} is not a valid captioner checkpoint (missing or malformed "
+                                 f"{' '.join(str(exc).split())[:200] or 'entry'})") from None
         try:
             encoder = Encoder(EncoderConfig(**enc))
         except TypeError:
             raise CaptionerError(f"{path}: bad encoder config {enc}") from None
+        if "encoder" in ckpt:  # fine-tuned encoder stages
+            bad = set(ckpt["encoder"]) - set(encoder.net.state_dict())
+            if bad:
+                raise CaptionerError(f"{path}: encoder weights do not fit {enc['name']}: {sorted(bad)[:3]}")
+            encoder.net.load_state_dict({k: v.float() for k, v in ckpt["encoder"].items()}, strict=False)
         if encoder.dim != decoder.cfg.feat_dim:
             raise CaptionerError(f"{path}: encoder {enc['name']} gives {encoder.dim}-d features, decoder expects {decoder.cfg.feat_dim}")
         known = {f.name for f in fields(SearchConfig)}

@@ -33,6 +33,12 @@ def add_video_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_video)
 
 
+def _why(exc: OSError) -> str:
+    if isinstance(exc, FileExistsError) and exc.filename:  # mkdir of a parent that is a file
+        return f"{exc.filename} is a file, not a folder"
+    return exc.strerror or str(exc)
+
+
 def run_video(args: argparse.Namespace) -> int:
     from .cli import _search_kwargs
     from .model import Captioner
@@ -54,13 +60,18 @@ def run_video(args: argparse.Namespace) -> int:
             print(f"captioner: error: {exc}", file=sys.stderr)
             failed += 1
             continue
+        except OSError as exc:  # saving --frames-dir JPEGs: disk full, read-only, a file in the way
+            raise CaptionerError(f"cannot write frames to {args.frames_dir}: {_why(exc)}") from None
         results.append(res)
         if args.output is None:
             print(f"{path} ({res.duration:.1f} s): {', '.join(res.tags)}")
             for seg in res.segments:
                 print(f"  {seg.start:8.2f} - {seg.end:8.2f}  {seg.caption}  [{', '.join(seg.tags)}]")
     if args.output is not None and results:
-        write_results(results, args.output)
+        try:
+            write_results(results, args.output)
+        except OSError as exc:  # disk full, read-only, a file where a folder should be
+            raise CaptionerError(f"cannot write {args.output}: {_why(exc)}") from None
     if failed:
         return 3 if results else 1
     return 0

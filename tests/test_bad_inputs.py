@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from captioner.cli import main
+from captioner.errors import CaptionerError
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 torch.set_num_threads(1)
@@ -136,6 +137,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None], list[Path]]:
 DENY = f"""
 import sys, builtins, captioner.images as images
 from captioner.cli import main
+from captioner.errors import CaptionerError
 def _open(file, *a, **k):
     if str(file).endswith({UNREADABLE!r}):
         raise PermissionError(13, "Permission denied", str(file))
@@ -222,10 +224,10 @@ def test_app_batch_image_corpus(corpus, app_client, tiny_model, monkeypatch, tmp
     # links cannot be uploaded (the client reads the file, a browser would too), nor can a name that is not
     # text (HTTP form fields are UTF-8; a browser sends such a name with U+FFFD, as the copy below has)
     files = [p for p in folder.iterdir() if not p.is_symlink() and p.name != os.fsdecode(NON_UTF8)] + explicit
-    files.append(tmp_path / "caf\ufffd.png")
-    files[-1].write_bytes((folder / os.fsdecode(NON_UTF8)).read_bytes())
-    files.sort(key=lambda p: p.name)
-    expect = {**expect, files[-1].name: None}
+    copy = tmp_path / "caf\ufffd.png"
+    copy.write_bytes((folder / os.fsdecode(NON_UTF8)).read_bytes())
+    files = sorted([*files, copy], key=lambda p: p.name)
+    expect = {**expect, copy.name: None}
     uploads = [handle_file(str(p)) for p in files]
     thumbs, table, csv_path, jsonl_path = app_client.predict(uploads, 2, api_name="/caption_batch")
     rows = table["data"] if isinstance(table, dict) else table
@@ -246,6 +248,309 @@ def test_app_batch_image_corpus(corpus, app_client, tiny_model, monkeypatch, tmp
         else:
             assert caption == cli[key]["caption"] and score == pytest.approx(cli[key]["score"], abs=1e-3)
     assert len(thumbs) == sum(1 for r in rows if not r[3])
+    records = [json.loads(line) for line in Path(jsonl_path).read_text(encoding="utf-8").splitlines()]
+    assert [(r["caption"], r["error"] or "") for r in records] == [(r[1], r[3]) for r in rows]
     # the app is still alive and well
     text, _, _ = app_client.predict(handle_file(str(folder / "plain.jpg")), 2, 8, 2, api_name="/caption")
     assert text
+
+
+# ------------------------------------------------------------------------------- videos ------
+CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def write_video(path: Path, size=(64, 48), frames: int = 10, fps: int = 5) -> Path:
+    w, h = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(CODEC, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if CODEC == "libx264":
+            stream.codec_context.options = {"preset": "ultrafast", "crf": "51"}
+        for i in range(frames):  # made in YUV directly: no RGB conversion of a huge frame
+            yuv = np.full((h * 3 // 2, w), 40 + 40 * (i * 4 // frames), np.uint8)
+            frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        fmt = stream.codec_context.codec.audio_formats[0].name
+        for i in range(8):
+            arr = (np.sin(np.arange(1024) / 8.0) * 0.3).astype(np.float32)[None, :]
+            frame = av.AudioFrame.from_ndarray(arr, format=fmt, layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 16000, i * 1024, Fraction(1, 16000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def no_frames(path: Path) -> Path:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(CODEC, rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        out.start_encoding()
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> tuple[list[Path], dict[str, str | None]]:
+    d = tmp_path_factory.mktemp("videos")
+    good = write_video(d / "good.mp4")
+    (d / "zero_bytes.mp4").write_bytes(b"")
+    data = good.read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    huge = write_video(d / "huge.mp4", size=(8000, 8000), frames=1, fps=1)
+    assert huge.stat().st_size < 5 * 2**20
+    paths = [d / "zero_bytes.mp4", d / "truncated.mp4", good, audio_only(d / "audio_only.m4a"),
+             no_frames(d / "no_frames.mp4"), huge]
+    # None: captioned. An MP4 whose video track got no frame has no stream at all. The 8000x8000 frame
+    # (64 Mpixel: under the image limit too) decodes in ~100 MB and is captioned like any other.
+    expect = {"zero_bytes.mp4": "empty file", "truncated.mp4": "not a readable video", "good.mp4": None,
+              "audio_only.m4a": "no video stream", "no_frames.mp4": "no video stream", "huge.mp4": None}
+    return paths, expect
+
+
+def test_cli_video_corpus(videos, tiny_model, tmp_path):
+    paths, expect = videos
+    out = tmp_path / "out.json"
+    proc = run_cli("video", *paths, "-o", out, "--model", tiny_model, "--every", 1, timeout=180)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    bad = {n: e for n, e in expect.items() if e}
+    assert len(lines) == len(bad), proc.stderr
+    for line, (name, error) in zip(lines, bad.items()):
+        assert line.startswith("captioner: error: ") and name in line and error in line, line
+        clean(line.removeprefix("captioner: error: "))
+    done = json.loads(out.read_text())["videos"]
+    assert [Path(v["path"]).name for v in done] == [n for n, e in expect.items() if e is None]
+    good = done[0]
+    assert good["duration"] == pytest.approx(2.0, abs=0.3) and len(good["captions"]) == 2 and all(good["captions"])
+    assert len(done[1]["captions"]) == 1 and done[1]["captions"][0]
+
+
+# -------------------------------------------------------------------------- checkpoints ------
+class Payload:
+    """Unpickling this runs code: it writes the marker file (what an attacker's checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model, tmp_path_factory) -> tuple[dict[str, tuple[Path, str]], Path]:
+    """{kind: (file, phrase the error must contain)}, and the marker file no load may create."""
+    d = tmp_path_factory.mktemp("checkpoints")
+    marker = d / "PWNED"
+    data = tiny_model.read_bytes()
+    (d / "truncated.pt").write_bytes(data[: len(data) // 2])
+    ckpt = torch.load(tiny_model, weights_only=True)
+    torch.save({**ckpt, "vocab": ckpt["vocab"] + ["extra", "words"]}, d / "vocab_mismatch.pt")
+    cfg = {**ckpt["config"], "decoder": {**ckpt["config"]["decoder"], "vocab_size": len(ckpt["vocab"]) + 2}}
+    torch.save({**ckpt, "config": cfg, "vocab": ckpt["vocab"] + ["extra", "words"]}, d / "weights_mismatch.pt")
+    torch.save({"format": ckpt["format"], "vocab": ckpt["vocab"]}, d / "missing_keys.pt")
+    torch.save({**ckpt, "config": Payload(marker)}, d / "code.pt")  # torch's zip format, pickle inside
+    (d / "code.pkl").write_bytes(pickle.dumps({"format": "captioner/1", "x": Payload(marker)}, protocol=2))
+    kinds = {"truncated": (d / "truncated.pt", "corrupt or truncated"),
+             "vocab_mismatch": (d / "vocab_mismatch.pt", "vocabulary has"),
+             "weights_mismatch": (d / "weights_mismatch.pt", "weights do not match"),
+             "missing_keys": (d / "missing_keys.pt", "not a valid captioner checkpoint"),
+             "code_zip": (d / "code.pt", "refused to load"),
+             "code_pickle": (d / "code.pkl", "refused to load")}
+    # the payload is real: a plain pickle.load would run it
+    pickle.loads((d / "code.pkl").read_bytes())
+    assert marker.exists()
+    marker.unlink()
+    return kinds, marker
+
+
+def test_bad_checkpoints_cli(checkpoints, corpus, capsys):
+    kinds, marker = checkpoints
+    image = corpus[0] / "plain.jpg"
+    for kind, (path, phrase) in kinds.items():
+        assert main(["caption", str(image), "--model", str(path), "--workers", "0", "--no-progress"]) == 1, kind
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("captioner: error: ") and "\n" not in err and phrase in err and path.name in err, err
+        clean(err.removeprefix("captioner: error: "))
+        assert not marker.exists(), kind
+    # and as a separate process, for the hostile one
+    proc = run_cli("caption", image, "--model", kinds["code_zip"][0])
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "refused to load" in proc.stderr and not marker.exists()
+
+
+def test_bad_checkpoints_app_py(checkpoints, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("captioner_app_py", ROOT / "app.py")
+    app_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_py)
+    kinds, marker = checkpoints
+    for kind, (path, phrase) in kinds.items():  # app.py's main(), in this process (a fresh one costs seconds)
+        assert app_py.main(["--model", str(path), "--port", str(free_port())]) == 1, kind
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("app.py: error: ") and "\n" not in err and phrase in err, (kind, err)
+        clean(err.removeprefix("app.py: error: "))
+    # and `python app.py` itself on the hostile checkpoint: exit 1, one line, the payload never ran
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", str(kinds["code_zip"][0]), "--port",
+                           str(free_port())], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "refused to load" in proc.stderr and not marker.exists()
+
+
+# ------------------------------------------------------------------------------- faults ------
+@pytest.fixture(scope="module")
+def five(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("five")
+    for i in range(5):
+        picture(i).save(d / f"ok{i}.png")
+    return d
+
+
+def caption_to(out: Path, five: Path, tiny_model: Path, *extra: str) -> int:
+    return main(["caption", str(five), "-o", str(out), "--model", str(tiny_model), "--workers", "0",
+                 "--batch-size", "2", "--no-progress", *extra])
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("captioner: error: cannot write "), err
+    clean(lines[0].removeprefix("captioner: error: "))
+    return lines[0]
+
+
+def test_output_parent_is_a_file(five, tiny_model, tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file\n")
+    out = tmp_path / "file" / "out.jsonl"
+    assert caption_to(out, five, tiny_model) == 1
+    assert "Not a directory" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_output_cannot_be_opened(five, tiny_model, tmp_path, capsys, monkeypatch, code):
+    from captioner import batch
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(batch, "open", refuse, raising=False)
+    out = tmp_path / "out.jsonl"
+    assert caption_to(out, five, tiny_model) == 1
+    assert os.strerror(code) in one_error_line(capsys.readouterr().err) and not out.exists()
+
+
+def disk_full_after(monkeypatch, good_syncs: int) -> None:
+    """os.fsync succeeds good_syncs times, then the disk is full (the data was written, not synced)."""
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > good_syncs:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_disk_full_on_first_write_leaves_no_file(five, tiny_model, tmp_path, capsys, monkeypatch, fmt):
+    out = tmp_path / f"out.{fmt}"
+    disk_full_after(monkeypatch, 0)
+    assert caption_to(out, five, tiny_model) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "nothing was written" in line
+    assert not out.exists()  # no empty (or header-only) file that looks like a finished run with 0 images
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_disk_full_mid_run_keeps_complete_batches_and_resumes(five, tiny_model, tmp_path, capsys, monkeypatch, fmt):
+    out = tmp_path / f"out.{fmt}"
+    disk_full_after(monkeypatch, 2 if fmt == "csv" else 1)  # csv: the header is one sync of its own
+    assert caption_to(out, five, tiny_model) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "2 rows" in line and "--resume" in line
+    from captioner.batch import read_rows
+
+    data = out.read_bytes()
+    assert data.endswith(b"\n") and len(read_rows(out, fmt)) == 2  # the first batch, no half-written row
+    assert data.count(b"\n") == 2 + (fmt == "csv")
+    monkeypatch.undo()  # space freed
+    assert caption_to(out, five, tiny_model, "--resume") == 0
+    rows = read_rows(out, fmt)
+    assert sorted(Path(r["path"]).name for r in rows) == [f"ok{i}.png" for i in range(5)]
+    assert all(r["caption"] for r in rows)
+
+
+def test_disk_full_during_checkpoint_save(tiny_model, tmp_path, monkeypatch):
+    from captioner import model
+    from captioner.model import Captioner, load_checkpoint, save_checkpoint
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(tiny_model.read_bytes())  # the previous, good checkpoint
+    before = target.read_bytes()
+    state = {k: v for k, v in load_checkpoint(tiny_model).items() if k != "format"}
+    real_save = torch.save
+
+    def save_half_then_fail(obj, f, *args, **kwargs):  # some bytes reach the temporary file first
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fsync_fails(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for target_attr, fake in ((model.torch, ("save", save_half_then_fail)), (model.os, ("fsync", fsync_fails))):
+        with monkeypatch.context() as m:
+            m.setattr(target_attr, *fake)
+            with pytest.raises(CaptionerError, match="No space left on device"):
+                save_checkpoint(target, {**state, "vocab": state["vocab"] + ["new"]})
+        assert target.read_bytes() == before  # the previous checkpoint is untouched and still loads
+        assert Captioner.load(target).vocab.itos == state["vocab"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_disk_full_during_training_is_one_line(tmp_path, monkeypatch, capsys):
+    from synth import make_dataset
+
+    from captioner import model, train
+
+    data = make_dataset(tmp_path / "data", n_train=16, n_val=4, n_test=4)
+    real = model.save_checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_disk_save(path, state):  # the real save_checkpoint, with torch.save failing inside it
+        with monkeypatch.context() as m:
+            m.setattr(model.torch, "save", disk_full)
+            real(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", full_disk_save)
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+                 "--encoder", "pixels", "--pretrained", "false", "--epochs", "1", "--batch-size", "8",
+                 "--feat-proj", "16", "--embed-dim", "8", "--hidden-dim", "16", "--attn-dim", "8", "--beam", "1",
+                 "--num-workers", "0", "--min-count", "1"])
+    assert code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("captioner: error: ") and "No space left on device" in lines[-1]
+    assert "Traceback" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize("where", ["output", "frames"])
+def test_video_output_cannot_be_written(videos, tiny_model, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("a regular file\n")
+    good = next(p for p in videos[0] if p.name == "good.mp4")
+    flag = ["-o", str(tmp_path / "file" / "out.json")] if where == "output" else \
+        ["--frames-dir", str(tmp_path / "file" / "frames")]
+    assert main(["video", str(good), "--model", str(tiny_model), *flag]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("captioner: error: cannot write ") and "file" in lines[0], lines
+    clean(lines[0].removeprefix("captioner: error: "))
