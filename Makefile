@@ -37,5 +37,5 @@ model: setup  ## rebuild the shipped default model captioner/assets/model.pt
 	$(BIN)/captioner export runs/general/best.pt captioner/assets/model.pt --beam 3
 
 ucm: setup  ## the UCM-Captions (aerial) model and its test BLEU
-	$(BIN)/captioner train --data $(DATA)/ucm-captions --out runs/ucm --epochs 15 --seed 0
-	$(BIN)/captioner evaluate --model runs/ucm/best.pt --data $(DATA)/ucm-captions --split test --beam 3 --length-penalty 1.0
+	$(BIN)/captioner train --data $(DATA)/ucm-captions --out runs/ucm --epochs 15 --seed 0 --lr 1e-3 --alpha-c 0.1 --label-smoothing 0.1 --lr-patience 2 --patience 4
+	$(BIN)/captioner evaluate --model runs/ucm/best.pt --data $(DATA)/ucm-captions --split test --beam 3
