@@ -12,6 +12,7 @@ import glob
 import io
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from .errors import CaptionerError
-from .images import display_name, find_images, load_image
+from .images import MAX_PIXELS, display_name, find_images, load_image, to_rgb
 
 FIELDS = ("path", "caption", "score", "alternatives", "error")
 FORMATS = ("csv", "jsonl")
@@ -42,16 +45,54 @@ class CaptionJob:
     progress_bar: bool = False  # tqdm bar (images/s) on stderr
 
 
+ENCODE_CHUNK = 8  # images per encoder forward on CPU (see _caption_batch)
+
+
+def _load(path: Path, min_side: int) -> Image.Image:
+    """load_image, except that a JPEG whose short side is at least 4x the transform's resize target is
+    decoded at 1/2, 1/4 or 1/8 scale by libjpeg (DCT scaling: a 12 MP photo decodes ~9x faster), never to
+    less than 2x the target on either side, so the antialiased resize that follows keeps its quality
+    (preprocessed pixels differ by 0.15 grey levels on average). Everything else, and any failure, goes
+    through load_image (its checks and error messages)."""
+    if min_side > 0:
+        try:
+            if stat.S_ISREG(os.stat(path).st_mode):
+                with Image.open(path, formats=("JPEG",)) as im:
+                    w, h = im.size
+                    if min(w, h) >= 4 * min_side and w * h <= MAX_PIXELS:
+                        im.draft("RGB", (2 * min_side, 2 * min_side))
+                        im.load()
+                        return to_rgb(im)
+        except Exception:  # noqa: BLE001 - not a (good) JPEG: load_image says why
+            pass
+    return load_image(path)
+
+
+def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, int]:
+    """(per-image part, per-batch part, resize target's short side or 0). The float conversion and
+    normalisation (ToDtype onwards) run once per batch in the main process, on the stacked uint8 crops,
+    normalising in place: bit-identical, 0.06 instead of 0.9 ms of CPU per image (2-core Xeon), and 4x
+    less data to pass from the loading processes."""
+    steps = list(getattr(transform, "transforms", None) or [])
+    sizes = [s.size for s in steps if isinstance(s, T.Resize) and s.size]
+    min_side = min(sizes[0]) if sizes and isinstance(sizes[0], (list, tuple)) else int(sizes[0]) if sizes else 0
+    cut = next((i for i, s in enumerate(steps) if isinstance(s, T.ToDtype)), None)
+    if not cut or not all(isinstance(s, (T.ToDtype, T.Normalize)) for s in steps[cut:]):
+        return transform, None, min_side
+    tail = [T.Normalize(s.mean, s.std, inplace=True) if isinstance(s, T.Normalize) else s for s in steps[cut:]]
+    return T.Compose(steps[:cut]), T.Compose(tail), min_side
+
+
 class _Files(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: Sequence[Path], transform: Callable, min_side: int = 0) -> None:
+        self.paths, self.transform, self.min_side = paths, transform, min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return i, self.transform(load_image(self.paths[i])), ""
+            return i, self.transform(_load(self.paths[i], self.min_side)), ""
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
             return i, None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": ")
@@ -60,6 +101,16 @@ class _Files(Dataset):
 def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     good = [(i, x) for i, x, _ in items if x is not None]
     return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, [(i, e) for i, x, e in items if x is None]
+
+
+def _caption_batch(cap: Any, x: torch.Tensor, cfg: Any) -> list:
+    """cap.caption_tensors(x, cfg), but on CPU the encoder runs on chunks of ENCODE_CHUNK images (the search
+    still sees the whole batch): EfficientNet-Lite0 is ~1.5x faster per image at 4-16 images than at 32
+    (activations stay in the per-core L2 cache; measured 138 vs 88 img/s with bf16 on a 2-core Xeon)."""
+    if getattr(cap, "device", None) is None or cap.device.type != "cpu" or len(x) <= ENCODE_CHUNK:
+        return cap.caption_tensors(x, cfg)
+    feats = torch.cat([cap.encoder.encode(chunk)[0] for chunk in x.split(ENCODE_CHUNK)])
+    return cap.caption_features(feats, cfg)
 
 
 def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob | None = None,
@@ -72,14 +123,17 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram)
     paths = [Path(p) for p in paths]
-    loader = DataLoader(_Files(paths, cap.transform), batch_size=max(1, job.batch_size), num_workers=job.workers,
+    per_image, per_batch, min_side = _split_transform(cap.transform)
+    loader = DataLoader(_Files(paths, per_image, min_side), batch_size=max(1, job.batch_size), num_workers=job.workers,
                         collate_fn=_collate)
     results: list[Row] = []
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
         for idx, x, failed in loader:
             rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err}
                     for i, err in failed}
-            for i, c in zip(idx, cap.caption_tensors(x, cfg) if x is not None else []):
+            if x is not None and per_batch is not None:
+                x = per_batch(x)
+            for i, c in zip(idx, _caption_batch(cap, x, cfg) if x is not None else []):
                 rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
                            "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": ""}
             batch = [rows[i] for i in sorted(rows)]

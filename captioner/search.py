@@ -1,5 +1,6 @@
 """Greedy and batched beam search. Every image of a batch and every beam of every image live
-in one tensor program: no per-image Python loop."""
+in one tensor program: no per-image Python loop. Once an image's hypotheses have all finished, its rows
+drop out of the decoder's batch (see _shrink), so one long caption does not keep the whole batch busy."""
 
 from __future__ import annotations
 
@@ -52,6 +53,31 @@ def _mask_logp(logp: torch.Tensor, t: int, cfg: SearchConfig, specials: tuple[in
     return logp
 
 
+def _step(decoder: Decoder, words: torch.Tensor, a: torch.Tensor, keys: torch.Tensor, state: tuple,
+          rows: torch.Tensor | None) -> tuple[torch.Tensor, tuple, torch.Tensor]:
+    """decoder.step on `rows` only (all when None; a and keys are then already those rows'). The other rows
+    are finished and their outputs unused: they get zero logits and attention and keep their state."""
+    if rows is None:
+        return decoder.step(words, a, keys, state)
+    logits, (h, c), alpha = decoder.step(words[rows], a, keys, (state[0][rows], state[1][rows]))
+    n = words.shape[0]
+    return (logits.new_zeros(n, logits.shape[1]).index_copy_(0, rows, logits),
+            (state[0].index_copy(0, rows, h), state[1].index_copy(0, rows, c)),
+            alpha.new_zeros(n, alpha.shape[1]).index_copy_(0, rows, alpha))
+
+
+def _shrink(unfinished: torch.Tensor, rows: torch.Tensor | None, a: torch.Tensor, keys: torch.Tensor,
+            a_rows: torch.Tensor, keys_rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The rows to decode next: those of images with an unfinished hypothesis (`unfinished`: per row, all of an
+    image's rows alike, because beams only move within their image). Gathering a and keys costs about a
+    decoder step, so the set only shrinks once it would lose at least a quarter of its rows."""
+    live = int(unfinished.sum())
+    if live > 0.75 * (len(rows) if rows is not None else unfinished.numel()):
+        return rows, a_rows, keys_rows
+    rows = unfinished.nonzero().squeeze(1)
+    return rows, a[rows], keys[rows]
+
+
 @torch.no_grad()
 def greedy(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3)) -> list[list[Hypothesis]]:
     pad, start, end, _ = specials
@@ -62,8 +88,9 @@ def greedy(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0
     total = torch.zeros(n, device=feats.device)
     done = torch.zeros(n, dtype=torch.bool, device=feats.device)
     alphas = []
+    rows, a_rows, keys_rows = None, a, keys
     for t in range(cfg.max_len + 1):
-        logits, state, alpha = decoder.step(words, a, keys, state)
+        logits, state, alpha = _step(decoder, words, a_rows, keys_rows, state, rows)
         logp = _mask_logp(torch.log_softmax(logits.float(), 1), t, cfg, specials, history)
         if t == cfg.max_len:  # force <end>
             logp[:, :] = torch.where(torch.arange(logp.shape[1], device=logp.device) == end, 0.0, NEG)
@@ -75,6 +102,7 @@ def greedy(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0
         alphas.append(alpha)
         if bool(done.all()):
             break
+        rows, a_rows, keys_rows = _shrink(~done, rows, a, keys, a_rows, keys_rows)
     alphas_t = torch.stack(alphas, 1)
     return [[_hypothesis(history[i], total[i], alphas_t[i], end, cfg)] for i in range(n)]
 
@@ -102,13 +130,14 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specia
     alphas = torch.zeros(b * k, 0, a.shape[1], device=dev)
     done = torch.zeros(b * k, dtype=torch.bool, device=dev)
     vocab = decoder.cfg.vocab_size
+    # a finished hypothesis only extends with <pad> at no cost
+    finished_row = torch.where(torch.arange(vocab, device=dev) == pad, 0.0, NEG)
+    rows, a_rows, keys_rows = None, a, keys
     for t in range(cfg.max_len + 1):
-        logits, state, alpha = decoder.step(words, a, keys, state)
+        logits, state, alpha = _step(decoder, words, a_rows, keys_rows, state, rows)
         logp = _mask_logp(torch.log_softmax(logits.float(), 1), t, cfg, specials, history)
         if t == cfg.max_len:  # force <end>: every hypothesis finishes, none is lost
             logp[:, :] = torch.where(torch.arange(vocab, device=dev) == end, 0.0, NEG)
-        # a finished hypothesis only extends with <pad> at no cost
-        finished_row = torch.where(torch.arange(vocab, device=dev) == pad, 0.0, NEG)
         logp = torch.where(done.unsqueeze(1), finished_row, logp)
         cand = (scores.unsqueeze(1) + logp).view(b, k * vocab)
         top, idx = cand.topk(k, dim=1)
@@ -121,6 +150,7 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specia
         done = done[origin] | (words == end) | (words == pad)
         if bool(done.all()):
             break
+        rows, a_rows, keys_rows = _shrink((~done).view(b, k).any(1).repeat_interleave(k), rows, a, keys, a_rows, keys_rows)
     out = []
     for i in range(b):
         hyps = [_hypothesis(history[i * k + j], scores[i * k + j], alphas[i * k + j], end, cfg) for j in range(k)]
