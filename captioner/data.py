@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import CaptionerError
+from .images import load_image
 
 log = logging.getLogger("captioner")
 SPLITS = ("train", "val", "test")
@@ -154,8 +155,6 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from .images import load_image
-
         with torch.random.fork_rng(devices=[]):  # reproducible views; the caller's RNG is left alone
             torch.manual_seed(self.seed * 1_000_003 + i)
             return self.transform(load_image(self.paths[i]))

@@ -29,6 +29,7 @@ from .search import Hypothesis, SearchConfig, search
 from .vocab import Vocab
 
 FORMAT = "captioner/1"
+ENCODE_CHUNK = 8  # images per encoder forward on CPU
 
 
 def default_model_path() -> Path:
@@ -166,9 +167,13 @@ class Captioner:
 
     @torch.no_grad()
     def caption_tensors(self, batch: torch.Tensor, cfg: SearchConfig | None = None) -> list[Caption]:
-        """batch: preprocessed images (B, 3, H, W)."""
+        """batch: preprocessed images (B, 3, H, W). On CPU the encoder runs on chunks of ENCODE_CHUNK
+        images while the search sees the whole batch: EfficientNet-Lite0 is ~1.5x faster per image at
+        4-16 images than at 32 (activations stay in cache; 138 vs 88 img/s bf16 on this 2-core CPU)."""
         cfg = cfg or self.search_cfg
-        feats, _ = self.encoder.encode(batch.to(self.device))
+        batch = batch.to(self.device)
+        chunks = batch.split(ENCODE_CHUNK) if self.device.type == "cpu" else (batch,)
+        feats = torch.cat([self.encoder.encode(chunk)[0] for chunk in chunks])
         return self.caption_features(feats, cfg)
 
     @torch.no_grad()
