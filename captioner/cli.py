@@ -38,6 +38,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- train ------
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each dataclass field's trailing `# comment` in the source: the one description of a setting."""
+    import inspect
+    import re
+
+    found = (re.match(r"\s+(\w+): [^#]+#\s*(.+)", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .train import TrainConfig
 
@@ -48,7 +57,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", action="append", required=True, metavar="[KIND:]PATH",
                    help="dataset, repeatable; KIND: karpathy, flickr8k, coco, table (csv/jsonl); detected if omitted")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    defaults = TrainConfig()
+    defaults, notes = TrainConfig(), _field_comments(TrainConfig)
     for f in fields(TrainConfig):
         if f.name == "data":
             continue
@@ -56,9 +65,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default, metavar="BOOL",
-                           help=f"(default: {default})")
+                           help=f"{notes.get(f.name, '')} (default: {default})")
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+            p.add_argument(flag, type=type(default), default=default, help=f"{notes.get(f.name, '')} (default: {default})")
     p.set_defaults(func=_run_train)
 
 

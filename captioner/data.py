@@ -59,7 +59,7 @@ def read_karpathy(path: Path, image_root: Path | None = None, name: str = "karpa
         split = {"restval": "train"}.get(im["split"], im["split"])
         folder = root / im["filepath"] if im.get("filepath") else root
         items.append(Item(folder / im["filename"], [s["raw"] for s in im["sentences"]], split, name))
-    return _keep_present(items, name)
+    return items
 
 
 def read_flickr8k(root: Path, name: str = "flickr8k") -> list[Item]:
@@ -76,7 +76,7 @@ def read_flickr8k(root: Path, name: str = "flickr8k") -> list[Item]:
         for img in listing.read_text().split() if listing.is_file() else []:
             if img in caps:
                 items.append(Item(image_dir / img, caps[img], split, name))
-    return _keep_present(items, name)
+    return items
 
 
 def read_coco(path: Path, image_root: Path | None = None, name: str = "coco") -> list[Item]:
@@ -88,7 +88,7 @@ def read_coco(path: Path, image_root: Path | None = None, name: str = "coco") ->
     root = image_root or (path.parent / "images")
     items = [Item(root / im["file_name"], caps[im["id"]], hash_split(str(im["id"])), name)
              for im in data["images"] if im["id"] in caps]
-    return _keep_present(items, name)
+    return items
 
 
 def read_table(path: Path, name: str = "table") -> list[Item]:
@@ -107,7 +107,7 @@ def read_table(path: Path, name: str = "table") -> list[Item]:
         if img not in grouped:
             grouped[img] = Item(path.parent / img, [], row.get("split") or hash_split(img), name)
         grouped[img].captions.append(row["caption"])
-    return _keep_present(list(grouped.values()), name)
+    return list(grouped.values())
 
 
 READERS: dict[str, tuple[str, Callable[..., list[Item]]]] = {
@@ -118,6 +118,23 @@ READERS: dict[str, tuple[str, Callable[..., list[Item]]]] = {
 def load_dataset(spec: str) -> list[Item]:
     """`kind:path` (kind: karpathy | flickr8k | coco | table) or a bare path whose kind is
     detected from the files in it. Images whose file is missing are skipped and counted."""
+    everything, name = _read_dataset(spec)
+    items = _keep_present(everything, name)
+    counts = Counter(it.split for it in items)
+    log.info("%s: %s images", name, ", ".join(f"{counts[s]} {s}" for s in SPLITS))
+    return items
+
+
+def load_text_only(spec: str, split: str = "train") -> list[str]:
+    """Captions of `split` entries whose image file is missing: text for the decoder's language
+    (train.py --text-ratio). Only ever the training split, so no val/test caption leaks in."""
+    everything, name = _read_dataset(spec)
+    texts = [c for it in everything if it.split == split and not it.image.is_file() for c in it.captions]
+    log.info("%s: %d %s captions without an image (text only)", name, len(texts), split)
+    return texts
+
+
+def _read_dataset(spec: str) -> tuple[list[Item], str]:
     kind, sep, loc = spec.partition(":")
     if not sep or kind not in READERS:
         kind, loc = "", spec
@@ -141,9 +158,7 @@ def load_dataset(spec: str) -> list[Item]:
         items = reader(path, name=name)
     except (KeyError, ValueError, OSError) as exc:
         raise CaptionerError(f"could not read {kind} dataset {path}: {type(exc).__name__}: {exc}") from None
-    counts = Counter(it.split for it in items)
-    log.info("%s (%s): %s images", name, kind, ", ".join(f"{counts[s]} {s}" for s in SPLITS))
-    return items
+    return items, f"{name} ({kind})"
 
 
 # ---------------------------------------------------------------- feature cache --------
@@ -171,7 +186,7 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
     temporary name, renamed when complete). Returns the array memory-mapped read-only."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"feats-{cache_key(paths, encoder.config.to_dict(), view)}.npy"
+    target = cache_dir / f"feats-{cache_key(paths, encoder.cache_identity(), view)}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
     from tqdm import tqdm
@@ -211,6 +226,20 @@ class CaptionPairs(Dataset):
         image, caption = self.pairs[idx]
         v = int(torch.randint(len(self.views), (1,), generator=self.gen)) if len(self.views) > 1 else 0
         return self.views[v][image], caption
+
+
+class TextPairs(Dataset):
+    """Captions without an image: (all-zero feature grid, caption ids). The decoder learns language from
+    them; a blank grid is what it sees, so it learns too that real images are something else."""
+
+    def __init__(self, captions: list[list[int]], feat_shape: tuple[int, ...]):
+        self.captions, self.blank = captions, torch.zeros(feat_shape, dtype=torch.float16)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, list[int]]:
+        return self.blank, self.captions[idx]
 
 
 def collate(batch: list[tuple[torch.Tensor, list[int]]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

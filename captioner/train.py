@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
-from .data import CaptionPairs, Item, cache_features, collate, load_dataset
+from .data import CaptionPairs, Item, TextPairs, cache_features, collate, load_dataset, load_text_only
 from .decoder import Decoder, DecoderConfig, attention_penalty
 from .encoder import Encoder, EncoderConfig, augment_transform, image_transform
 from .errors import CaptionerError
@@ -37,39 +38,41 @@ log = logging.getLogger("captioner")
 @dataclass
 class TrainConfig:
     data: list[str] = field(default_factory=list)  # dataset specs, see data.load_dataset
-    out: str = "runs/model"
-    encoder: str = "efficientnet_lite0"
-    pretrained: bool = True
-    grid: int = 7
+    out: str = "runs/model"  # output folder: best.pt, last.pt, log.jsonl
+    encoder: str = "efficientnet_lite0"  # efficientnet_lite0/1/2 (offline) or a torchvision backbone
+    pretrained: bool = True  # ImageNet weights for the encoder
+    grid: int = 7  # annotation grid: 7 (7x7 from the last stage) or 14 (stride-16 stage)
     finetune: int = 0  # fine-tune the encoder's last N stages on cached trunk activations (0: frozen)
     finetune_lr: float = 0.1  # encoder LR = lr * finetune_lr
     views: int = 1  # cached feature sets per training image: centre crop, mirror, random crops
-    min_count: int = 2
-    max_len: int = 20
-    feat_proj: int = 512
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    attn_dim: int = 256
-    dropout: float = 0.5
-    cell: str = "lstm"
-    tie_weights: bool = True
+    text_ratio: float = 0.0  # per epoch, add this many text-only captions (training entries whose image is missing) per image caption
+    min_count: int = 2  # words seen fewer times in the training captions become <unk>
+    max_len: int = 20  # longest caption in words (longer ones are cut)
+    feat_proj: int = 512  # project annotation vectors to this size (0: keep the encoder's)
+    embed_dim: int = 256  # word embedding size
+    hidden_dim: int = 512  # LSTM/GRU state size
+    attn_dim: int = 256  # attention MLP size
+    dropout: float = 0.5  # dropout on embeddings, features, states and the output layer
+    cell: str = "lstm"  # lstm or gru
+    tie_weights: bool = True  # share the word embedding with the output layer
     attributes: bool = False  # condition on ImageNet class probabilities (needs a classifier head, grid 7)
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 4e-4
-    weight_decay: float = 0.0
+    epochs: int = 30  # at most this many epochs
+    batch_size: int = 64  # captions per batch (per process under torchrun)
+    lr: float = 4e-4  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay
     alpha_c: float = 1.0  # doubly stochastic attention regularisation (lambda)
-    label_smoothing: float = 0.0
-    grad_clip: float = 5.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    grad_clip: float = 5.0  # clip the gradient norm to this
+    ema: float = 0.0  # validate and save an exponential moving average of the weights with this decay per step (0: off)
     lr_factor: float = 0.5  # LR decay on a validation BLEU-4 plateau
     lr_patience: int = 1
     patience: int = 4  # early stopping: epochs without a better validation BLEU-4
     beam: int = 3  # validation decoding
     length_penalty: float = 0.0
-    seed: int = 0
-    device: str = "cpu"
-    cache_dir: str = "cache"
-    num_workers: int = 2
+    seed: int = 0  # same seed, same data and settings: same weights
+    device: str = "cpu"  # cpu, cuda, cuda:1 (AMP on CUDA)
+    cache_dir: str = "cache"  # where encoder features are cached
+    num_workers: int = 2  # image-loading processes while caching features
     time_limit_min: float = 0.0  # stop after this many minutes (0: no limit)
 
     def to_dict(self) -> dict:
@@ -138,13 +141,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     set_seed(cfg.seed)
 
     items = gather_items(cfg.data)
+    texts = [t for spec in cfg.data for t in load_text_only(spec)] if cfg.text_ratio else []
     state: dict[str, Any] | None = None
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
         vocab = Vocab.from_dict({"itos": state["vocab"]})
         log.info("resuming from %s (epoch %d done)", last_path, state["train_state"]["epoch"])
     else:
-        vocab = Vocab.build((c for it in items if it.split == "train" for c in it.captions), cfg.min_count)
+        vocab = Vocab.build([*(c for it in items if it.split == "train" for c in it.captions), *texts], cfg.min_count)
 
     encoder = Encoder(EncoderConfig(cfg.encoder, cfg.pretrained, cfg.grid, cfg.finetune))
     if cfg.finetune and distributed:
@@ -176,34 +180,45 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience)
     ts = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0, "elapsed": 0.0}
     if state is not None:
-        decoder.load_state_dict(state["decoder"])
+        decoder.load_state_dict(state["train_state"].get("raw", state["decoder"]))  # raw weights when EMA is on
         if "encoder" in state:
             encoder.net.load_state_dict(state["encoder"], strict=False)
         optim.load_state_dict(state["train_state"]["optimizer"])
         sched.load_state_dict(state["train_state"]["scheduler"])
         ts = {k: state["train_state"][k] for k in ts}
+    # Polyak/EMA weights (torch.optim.swa_utils): smoother than the raw weights of any one step
+    ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    if ema is not None and state is not None and "ema" in state["train_state"]:
+        ema.load_state_dict(state["train_state"]["ema"])
     model: nn.Module = decoder
     if distributed:
         model = nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
 
     dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed)
+    text_pairs = TextPairs([vocab.encode(t, cfg.max_len) for t in texts], tuple(train_views[0].shape[1:]))
+    n_text = min(len(text_pairs), round(cfg.text_ratio * len(dataset)))
     criterion = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=cfg.label_smoothing)
     scfg = SearchConfig(beam=cfg.beam, max_len=cfg.max_len, length_penalty=cfg.length_penalty)
     config = {"encoder": encoder.config.to_dict(), "decoder": dcfg.to_dict(), "train": cfg.to_dict(),
-              "search": asdict(scfg), "data": {"train_images": len(train_caps), "val_images": len(val_items)}}
+              "search": asdict(scfg), "data": {"train_images": len(train_caps), "val_images": len(val_items),
+                                                    "text_only_captions": len(texts)}}
     use_amp = device.type == "cuda"
     started = time.time() - ts["elapsed"]
     from tqdm import tqdm
 
     for epoch in range(ts["epoch"] + 1, cfg.epochs + 1):
+        epoch_data: Dataset = dataset
+        if n_text:  # a fresh draw of text-only captions each epoch, the same on every rank
+            g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 1)
+            epoch_data = ConcatDataset([dataset, Subset(text_pairs, torch.randperm(len(text_pairs), generator=g)[:n_text].tolist())])
         if distributed:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+            sampler = DistributedSampler(epoch_data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
             sampler.set_epoch(epoch)
         else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+            sampler = RandomSampler(epoch_data, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # dropout: a resumed epoch replays exactly
         dataset.gen.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+        loader = DataLoader(epoch_data, batch_size=cfg.batch_size, sampler=sampler,
                             collate_fn=lambda b: collate(b, vocab.pad))
         model.train()
         total, steps = 0.0, 0
@@ -221,13 +236,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             loss.backward()
             nn.utils.clip_grad_norm_([*decoder.parameters(), *tuned], cfg.grad_clip)
             optim.step()
+            if ema is not None:
+                ema.update_parameters(decoder)
             total, steps = total + loss.item(), steps + 1
             bar.set_postfix(loss=f"{total / steps:.3f}")
 
         # validation by real decoding (rank 0), shared with every rank
         score = torch.zeros(1)
+        final = ema.module if ema is not None else decoder  # the weights that are validated and saved
         if rank == 0:
-            hyps = decode_features(decoder, vocab, val_feats, scfg, device, head=encoder.head if tuned else None)
+            hyps = decode_features(final, vocab, val_feats, scfg, device, head=encoder.head if tuned else None)
             metrics = score_captions(hyps, [it.captions for it in val_items])
             score[0] = metrics["BLEU-4"]
         if distributed:
@@ -248,13 +266,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            weights = {"vocab": vocab.itos, "decoder": {k: v.detach().cpu() for k, v in decoder.state_dict().items()}}
+            weights = {"vocab": vocab.itos, "decoder": {k: v.detach().cpu() for k, v in final.state_dict().items()}}
             if tuned:
                 weights["encoder"] = encoder.finetune_state()
             if improved:
                 save_checkpoint(best_path, {"config": {**config, "val": record}, **weights})
+            extra = {"ema": ema.state_dict(), "raw": decoder.state_dict()} if ema is not None else {}
             save_checkpoint(last_path, {"config": config, **weights, "train_state": {
-                **ts, "optimizer": optim.state_dict(), "scheduler": sched.state_dict()}})
+                **ts, "optimizer": optim.state_dict(), "scheduler": sched.state_dict(), **extra}})
         if ts["bad_epochs"] >= cfg.patience:
             log.info("early stop: no better validation BLEU-4 for %d epochs (best %.4f at epoch %d)",
                      cfg.patience, ts["best"], ts["best_epoch"])

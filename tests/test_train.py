@@ -62,6 +62,51 @@ def test_same_seed_same_weights(tmp_path, shapes):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_ema_weights_are_validated_saved_and_resumed_exactly(tmp_path, shapes):
+    """--ema: best.pt holds the averaged weights (not the raw ones), and a run stopped after epoch 1 and
+    resumed ends with the same averaged and raw weights as an uninterrupted run."""
+    kw = dict(data=[str(shapes)], cache_dir=str(tmp_path / "cache"), seed=3, ema=0.9, patience=50, **SMALL)
+    full = train(TrainConfig(out=str(tmp_path / "full"), epochs=2, **kw))
+    train(TrainConfig(out=str(tmp_path / "part"), epochs=1, **kw))
+    train(TrainConfig(out=str(tmp_path / "part"), epochs=2, **kw), resume=True)
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    for key in ("decoder",):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    raw_a, raw_b = a["train_state"]["raw"], b["train_state"]["raw"]
+    assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
+    assert int(a["train_state"]["ema"]["n_averaged"]) == int(b["train_state"]["ema"]["n_averaged"]) > 1
+    # the saved weights are the average: close to, but not the same as, the raw weights
+    diff = max((a["decoder"][k] - raw_a[k]).abs().max().item() for k in raw_a if raw_a[k].is_floating_point())
+    assert diff > 1e-4
+    Captioner.load(full)
+
+
+def test_text_only_captions_train_the_language(tmp_path):
+    """--text-ratio: captions of training entries whose image is missing join the vocabulary and the
+    batches (with a blank grid); val/test captions without images never do."""
+    import csv
+
+    from captioner.data import load_dataset, load_text_only
+    from captioner.vocab import Vocab
+
+    data = make_dataset(tmp_path / "d", n_train=60, n_val=12, n_test=6)
+    with data.open("a", newline="") as f:
+        w = csv.writer(f)
+        for i in range(20):
+            w.writerow([f"gone_{i}.png", f"a striped zebra {i % 3} beside a tall tree", "train"])
+        w.writerow(["gone_val.png", "a giraffe eating leaves", "val"])
+    assert len(load_dataset(str(data))) == 78  # the missing images are skipped
+    assert len(load_text_only(str(data))) == 20
+    cfg = dict(SMALL, epochs=2, patience=50)
+    best = train(TrainConfig(data=[str(data)], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"),
+                             text_ratio=0.5, **cfg))
+    ckpt = load_checkpoint(best)
+    vocab = Vocab.from_dict({"itos": ckpt["vocab"]})
+    assert "zebra" in vocab.stoi and "giraffe" not in vocab.stoi
+    assert ckpt["config"]["data"]["text_only_captions"] == 20
+    Captioner.load(best)
+
+
 def _train_cmd(shapes: Path, out: Path, cache: Path, epochs: int, extra: list[str]) -> list[str]:
     cfg = {**SMALL, "epochs": epochs, "patience": 50, "cache_dir": cache, "out": out}
     return ["-m", "captioner", "train", "--data", str(shapes), *_cli_args(cfg), *extra]
@@ -123,9 +168,9 @@ def test_finetune_last_stage_on_cached_trunk_activations(tmp_path):
 
     fresh = Encoder(EncoderConfig("efficientnet_lite0")).net.state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in tuned.items() if v.is_floating_point())
-    cap = Captioner.load(best)
-    loaded = cap.encoder.net.state_dict()
+    loaded = Captioner.load(best, prepare=False).encoder.net.state_dict()
     assert all(torch.equal(loaded[k].float(), v.float()) for k, v in tuned.items())
+    cap = Captioner.load(best)  # prepared for inference: the tuned weights folded with their BatchNorms
     assert cap.caption([__import__("PIL.Image").Image.new("RGB", (64, 64), "red")])[0].text is not None
     from captioner.train import export
 
