@@ -83,23 +83,34 @@ def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, in
 
 
 class _Files(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: Callable, min_side: int = 0) -> None:
-        self.paths, self.transform, self.min_side = paths, transform, min_side
+    """Batch b of `paths`: (indices, preprocessed images or their features, [(index, error)])."""
+
+    def __init__(self, paths: Sequence[Path], batch_size: int, transform: Callable, per_batch: Callable | None,
+                 min_side: int = 0, encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 send_dtype: torch.dtype = torch.float32) -> None:
+        self.paths, self.batch_size, self.transform, self.per_batch = paths, batch_size, transform, per_batch
+        self.min_side, self.encode, self.send_dtype = min_side, encode, send_dtype
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return -(-len(self.paths) // self.batch_size)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+    def _one(self, i: int) -> tuple[torch.Tensor | None, str]:
         try:
-            return i, self.transform(_load(self.paths[i], self.min_side)), ""
+            return self.transform(_load(self.paths[i], self.min_side)), ""
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
-            return i, None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": ")
+            return None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": ")
 
-
-def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    good = [(i, x) for i, x, _ in items if x is not None]
-    return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, [(i, e) for i, x, e in items if x is None]
+    def __getitem__(self, b: int) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+        span = range(b * self.batch_size, min(len(self.paths), (b + 1) * self.batch_size))
+        loaded = [(i, *self._one(i)) for i in span]
+        good = [(i, x) for i, x, _ in loaded if x is not None]
+        x = torch.stack([x for _, x in good]) if good else None
+        if x is not None and self.per_batch is not None:
+            x = self.per_batch(x)
+        if x is not None and self.encode is not None:
+            x = self.encode(x).to(self.send_dtype)
+        return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None]
 
 
 def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob | None = None,
@@ -107,24 +118,34 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
                   progress: Callable[[int], None] | None = None, **overrides: Any) -> list[Row]:
     """Caption `paths` (a `Captioner`, batched encoder + beam search); one result dict per path, in order.
     on_batch(rows) runs after each batch (e.g. a writer), progress(images_done) too; overrides are
-    CaptionJob fields (`beam=3`). `alternatives` holds every returned beam as [text, score], best first."""
+    CaptionJob fields (`beam=3`). `alternatives` holds every returned beam as [text, score], best first.
+
+    With workers on CPU, each loading process also runs the encoder on its batch (one thread each, as
+    DataLoader workers do) and this process only searches: on a 2-core CPU that keeps both cores busy
+    with no thread waiting on another, where 2 encoder threads here + image loading in the workers
+    oversubscribe the cores (98 -> ~150 img/s, bench/README.md). On CUDA the encoder stays here."""
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram)
     paths = [Path(p) for p in paths]
     per_image, per_batch, min_side = _split_transform(cap.transform)
-    loader = DataLoader(_Files(paths, per_image, min_side), batch_size=max(1, job.batch_size), num_workers=job.workers,
-                        collate_fn=_collate)
+    in_workers = job.workers > 0 and cap.device.type == "cpu"
+    if in_workers and len(paths) > job.batch_size:
+        cap.warm_up()  # once, here: the forked workers inherit oneDNN's compiled kernels instead of each compiling them
+    # a bf16 encoder's features are exact in bf16: half the bytes to pass from the workers
+    files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side, cap.encode if in_workers else None,
+                   cap.encoder.weights_dtype)
+    loader = DataLoader(files, batch_size=None, num_workers=job.workers)
     results: list[Row] = []
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
         for idx, x, failed in loader:
             rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err}
                     for i, err in failed}
-            if x is not None and per_batch is not None:
-                x = per_batch(x)
-            for i, c in zip(idx, cap.caption_tensors(x, cfg) if x is not None else []):
-                rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
-                           "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": ""}
+            if x is not None:
+                found = cap.caption_features(x.float(), cfg) if in_workers else cap.caption_tensors(x, cfg)
+                for i, c in zip(idx, found):
+                    rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
+                               "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": ""}
             batch = [rows[i] for i in sorted(rows)]
             results += batch
             if on_batch:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.transforms import v2 as T
 
 from .errors import CaptionerError
@@ -124,6 +125,7 @@ class Encoder(nn.Module):
         if config.grid not in (7, 14):
             raise CaptionerError(f"encoder grid must be 7 or 14, not {config.grid}")
         self.config = config
+        self.prepared, self.weights_dtype = False, torch.float32  # see prepare_inference
         self.is_lite = config.name in LITE_PACKAGES
         if config.name == PIXELS:
             self.net = nn.Unfold(kernel_size=56 // config.grid, stride=56 // config.grid)
@@ -195,13 +197,45 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._forward(images)
 
+    def prepare_inference(self, device: torch.device) -> "Encoder":
+        """Make the network fast for inference on `device`, once, after loading:
+        1. fold every BatchNorm into the convolution before it (eval statistics, torch's fuse_conv_bn_eval);
+        2. where bf16 is fast (CUDA; CPUs with AMX or AVX512-BF16), store the weights in bf16 and channels_last
+           instead of casting them on every call as autocast does.
+        On this 2-core AMX CPU: 142 -> 246 img/s (lite0, chunks of 8). Features match the unprepared network's
+        to bf16 rounding (cosine >= 0.999); they are cached apart from it (data.cache_features). Training and
+        the training feature cache use the unprepared network."""
+        for module in list(self.net.modules()):
+            names = list(module._modules)
+            for a, b in zip(names, names[1:]):
+                conv, bn = module._modules[a], module._modules[b]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
+                    module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                    # timm's BatchNormAct2d = BN, dropout, activation: keep what follows the BN
+                    module._modules[b] = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()
+        has_weights = any(True for _ in self.net.parameters())
+        if has_weights and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())):
+            self.net.to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+            self.weights_dtype = torch.bfloat16
+        self.prepared = True
+        return self
+
+    def cache_identity(self) -> dict:
+        """What decides the features: the config, and how the network was prepared (see prepare_inference)."""
+        extra = {"prepared": str(self.weights_dtype).removeprefix("torch.")} if self.prepared else {}
+        return self.config.to_dict() | extra
+
     def encode(self, images: torch.Tensor, bf16: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast inference: channels_last and (on CPU with bf16 support, or CUDA) bf16 autocast.
-        Returns float32 tensors."""
+        """Fast inference: channels_last and (on CPU with bf16 support, or CUDA) bf16 autocast, or the bf16
+        weights of a prepared network. Returns float32 tensors."""
         device = images.device
+        images = images.contiguous(memory_format=torch.channels_last)
+        if self.weights_dtype == torch.bfloat16:
+            with torch.no_grad():
+                feats, logits = self._forward(images.to(torch.bfloat16))
+            return feats.float(), logits.float()
         if bf16 is None:
             bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-        images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             feats, logits = self._forward(images)
         return feats.float(), logits.float()

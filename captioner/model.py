@@ -121,14 +121,18 @@ class Captioner:
     """Load once, caption many: `Captioner.load().caption([PIL images])`."""
 
     def __init__(self, encoder: Encoder, decoder: Decoder, vocab: Vocab, search_cfg: SearchConfig,
-                 device: str | torch.device = "cpu", config: dict | None = None):
+                 device: str | torch.device = "cpu", config: dict | None = None, prepare: bool = True):
         self.device = check_device(device)
-        self.encoder, self.decoder = encoder.to(self.device).eval(), decoder.to(self.device).eval()
+        self.encoder = encoder.to(self.device).eval()
+        if prepare:  # BatchNorm folded, bf16 weights where fast (Encoder.prepare_inference)
+            self.encoder.prepare_inference(self.device)
+        self.decoder = decoder.to(self.device).eval()
+        self._warm = False
         self.vocab, self.search_cfg, self.config = vocab, search_cfg, config or {}
         self.transform = image_transform(encoder.config.name)
 
     @classmethod
-    def load(cls, path: Path | str | None = None, device: str = "cpu") -> "Captioner":
+    def load(cls, path: Path | str | None = None, device: str = "cpu", prepare: bool = True) -> "Captioner":
         path = Path(path) if path else default_model_path()
         if path == default_model_path() and not path.is_file():
             raise CaptionerError(f"the default model is missing from the package ({path}); reinstall, or pass --model")
@@ -154,7 +158,7 @@ class Captioner:
             raise CaptionerError(f"{path}: encoder {enc['name']} gives {encoder.dim}-d features, decoder expects {decoder.cfg.feat_dim}")
         known = {f.name for f in fields(SearchConfig)}
         scfg = SearchConfig(**{k: v for k, v in ckpt["config"].get("search", {}).items() if k in known})
-        return cls(encoder, decoder, vocab, scfg, device, ckpt["config"])
+        return cls(encoder, decoder, vocab, scfg, device, ckpt["config"], prepare)
 
     def search_config(self, **overrides: Any) -> SearchConfig:
         base = {f.name: getattr(self.search_cfg, f.name) for f in fields(SearchConfig)}
@@ -166,15 +170,25 @@ class Captioner:
         return torch.stack([self.transform(im) for im in images])
 
     @torch.no_grad()
-    def caption_tensors(self, batch: torch.Tensor, cfg: SearchConfig | None = None) -> list[Caption]:
-        """batch: preprocessed images (B, 3, H, W). On CPU the encoder runs on chunks of ENCODE_CHUNK
-        images while the search sees the whole batch: EfficientNet-Lite0 is ~1.5x faster per image at
-        4-16 images than at 32 (activations stay in cache; 138 vs 88 img/s bf16 on this 2-core CPU)."""
-        cfg = cfg or self.search_cfg
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, H, W) -> annotation vectors (B, L, D), float32. On CPU the encoder runs
+        on chunks of ENCODE_CHUNK images: EfficientNet-Lite0 is ~1.5x faster per image at 4-16 images than
+        at 32 (activations stay in cache; 138 vs 88 img/s bf16 on this 2-core CPU)."""
         batch = batch.to(self.device)
         chunks = batch.split(ENCODE_CHUNK) if self.device.type == "cpu" else (batch,)
-        feats = torch.cat([self.encoder.encode(chunk)[0] for chunk in chunks])
-        return self.caption_features(feats, cfg)
+        return torch.cat([self.encoder.encode(chunk)[0] for chunk in chunks])
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run the encoder once on a blank chunk: oneDNN compiles its kernels on first use (~0.1-0.3 s)."""
+        if not self._warm:
+            self.encode(self.preprocess([Image.new("RGB", (320, 320))] * ENCODE_CHUNK))
+            self._warm = True
+
+    @torch.no_grad()
+    def caption_tensors(self, batch: torch.Tensor, cfg: SearchConfig | None = None) -> list[Caption]:
+        """batch: preprocessed images (B, 3, H, W) -> one Caption each (encode, then search)."""
+        return self.caption_features(self.encode(batch), cfg or self.search_cfg)
 
     @torch.no_grad()
     def caption_features(self, feats: torch.Tensor, cfg: SearchConfig | None = None) -> list[Caption]:

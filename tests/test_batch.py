@@ -172,6 +172,21 @@ def test_caption_files_api(folder, tiny_model):
     assert good["caption"] and not good["error"] and len(good["alternatives"]) >= 1
 
 
+@pytest.mark.parametrize("which", ["tiny", "shipped"])
+def test_encoding_in_workers_matches_in_process(folder, tiny_model, which):
+    """workers > 0 on CPU: the loading processes also encode (bf16 features passed on exactly for the
+    shipped bf16 encoder); captions, scores and errors equal those of encoding in this process."""
+    cap = Captioner.load(tiny_model if which == "tiny" else None)
+    paths = sorted(folder.iterdir())
+    here = caption_files(cap, paths, CaptionJob(batch_size=4, workers=0), beam=2)
+    there = caption_files(cap, paths, CaptionJob(batch_size=4, workers=2), beam=2)
+    assert [r["path"] for r in there] == [r["path"] for r in here]
+    assert [r["error"] for r in there] == [r["error"] for r in here]
+    assert [r["caption"] for r in there] == [r["caption"] for r in here]
+    for a, b in zip(here, there):
+        assert (a["score"] is None and b["score"] is None) or abs(a["score"] - b["score"]) < 1e-3
+
+
 # ------------------------------------------------------------------- separate processes ------
 def cli(*args: object) -> list[str]:
     return [sys.executable, "-m", "captioner", "caption", *map(str, args), "--no-progress"]

@@ -52,6 +52,24 @@ def test_default_encoder_loads_strictly_offline_and_classifies_cat(lite0):
     assert torch.nn.functional.cosine_similarity(fast.flatten(), feats.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.parametrize("grid", [7, 14])
+def test_prepared_encoder_matches_the_plain_one(grid):
+    """prepare_inference folds every BatchNorm into its convolution (and keeps bf16 weights where the CPU has
+    fast bf16): features and ImageNet logits stay those of the plain fp32 network, to bf16 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224).clamp(-1, 1)
+    plain = Encoder(EncoderConfig(grid=grid))
+    feats, logits = plain(x)
+    prepared = Encoder(EncoderConfig(grid=grid)).prepare_inference(torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.net.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.net.modules()) > 40
+    fast, fast_logits = prepared.encode(x)
+    cos = torch.nn.functional.cosine_similarity(fast.flatten(1), feats.flatten(1))
+    assert cos.min() > 0.995, cos
+    assert torch.equal(fast_logits.argmax(1), logits.argmax(1))
+    assert prepared.cache_identity() != plain.cache_identity()  # their features are cached apart
+
+
 def test_encoder_grid14(lite0):
     enc = Encoder(EncoderConfig(grid=14))
     feats, _ = enc(torch.zeros(1, 3, 224, 224))
