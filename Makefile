@@ -28,7 +28,7 @@ clean:
 DATA ?= ../shared/data
 GENERAL_FLAGS = --data flickr8k:$(DATA)/flickr8k --data coco:$(DATA)/coco --epochs 30 --views 8 \
 	--min-count 3 --lr 1e-3 --alpha-c 0.1 --label-smoothing 0.1 --lr-patience 3 --patience 8 \
-	--attributes true --hidden-dim 256 --feat-proj 256 --seed 0
+	--attributes true --hidden-dim 256 --feat-proj 256 --ema 0.99 --seed 0
 
 .PHONY: model ucm
 model: setup  ## rebuild the shipped default model captioner/assets/model.pt
@@ -37,5 +37,5 @@ model: setup  ## rebuild the shipped default model captioner/assets/model.pt
 	$(BIN)/captioner export runs/general/best.pt captioner/assets/model.pt --beam 3
 
 ucm: setup  ## the UCM-Captions (aerial) model and its test BLEU
-	$(BIN)/captioner train --data $(DATA)/ucm-captions --out runs/ucm --epochs 15 --seed 0 --lr 1e-3 --alpha-c 0.1 --label-smoothing 0.1 --lr-patience 2 --patience 4
+	$(BIN)/captioner train --data $(DATA)/ucm-captions --out runs/ucm --epochs 15 --seed 0 --lr 1e-3 --alpha-c 0.1 --label-smoothing 0.1 --lr-patience 2 --patience 4 --views 4 --ema 0.995
 	$(BIN)/captioner evaluate --model runs/ucm/best.pt --data $(DATA)/ucm-captions --split test --beam 3
