@@ -83,13 +83,12 @@ def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, in
 
 
 class _Files(Dataset):
-    """Batch b of `paths`: (indices, preprocessed images or their features, [(index, error)])."""
+    """Batch b of `paths`: (indices, preprocessed images or what `finish` makes of them, [(index, error)])."""
 
     def __init__(self, paths: Sequence[Path], batch_size: int, transform: Callable, per_batch: Callable | None,
-                 min_side: int = 0, encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 send_dtype: torch.dtype = torch.float32) -> None:
+                 min_side: int = 0, finish: Callable[[torch.Tensor], Any] | None = None) -> None:
         self.paths, self.batch_size, self.transform, self.per_batch = paths, batch_size, transform, per_batch
-        self.min_side, self.encode, self.send_dtype = min_side, encode, send_dtype
+        self.min_side, self.finish = min_side, finish
 
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch_size)
@@ -101,15 +100,15 @@ class _Files(Dataset):
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
             return None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": ")
 
-    def __getitem__(self, b: int) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    def __getitem__(self, b: int) -> tuple[list[int], Any, list[tuple[int, str]]]:
         span = range(b * self.batch_size, min(len(self.paths), (b + 1) * self.batch_size))
         loaded = [(i, *self._one(i)) for i in span]
         good = [(i, x) for i, x, _ in loaded if x is not None]
         x = torch.stack([x for _, x in good]) if good else None
         if x is not None and self.per_batch is not None:
             x = self.per_batch(x)
-        if x is not None and self.encode is not None:
-            x = self.encode(x).to(self.send_dtype)
+        if x is not None and self.finish is not None:
+            x = self.finish(x)
         return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None]
 
 
@@ -120,10 +119,11 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     on_batch(rows) runs after each batch (e.g. a writer), progress(images_done) too; overrides are
     CaptionJob fields (`beam=3`). `alternatives` holds every returned beam as [text, score], best first.
 
-    With workers on CPU, each loading process also runs the encoder on its batch (one thread each, as
-    DataLoader workers do) and this process only searches: on a 2-core CPU that keeps both cores busy
-    with no thread waiting on another, where 2 encoder threads here + image loading in the workers
-    oversubscribe the cores (98 -> ~150 img/s, bench/README.md). On CUDA the encoder stays here."""
+    With workers on CPU, each loading process captions its own batches end to end (load, encode, search;
+    one thread each, as DataLoader workers do) and this process only collects and writes: on a 2-core CPU
+    that keeps both cores busy with no thread waiting on another. Encoding in the workers and searching
+    here was slower (a third busy process; 130 vs ~155 img/s), and 2 encoder threads here + image loading
+    in the workers oversubscribe the cores (~98 img/s; bench/README.md). On CUDA the model stays here."""
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram)
@@ -132,9 +132,8 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     in_workers = job.workers > 0 and cap.device.type == "cpu"
     if in_workers and len(paths) > job.batch_size:
         cap.warm_up()  # once, here: the forked workers inherit oneDNN's compiled kernels instead of each compiling them
-    # a bf16 encoder's features are exact in bf16: half the bytes to pass from the workers
-    files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side, cap.encode if in_workers else None,
-                   cap.encoder.weights_dtype)
+    files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side,
+                   (lambda x: cap.caption_tensors(x, cfg)) if in_workers else None)
     loader = DataLoader(files, batch_size=None, num_workers=job.workers)
     results: list[Row] = []
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
@@ -142,7 +141,7 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
             rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err}
                     for i, err in failed}
             if x is not None:
-                found = cap.caption_features(x.float(), cfg) if in_workers else cap.caption_tensors(x, cfg)
+                found = x if in_workers else cap.caption_tensors(x, cfg)
                 for i, c in zip(idx, found):
                     rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
                                "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": ""}

@@ -173,9 +173,9 @@ def test_caption_files_api(folder, tiny_model):
 
 
 @pytest.mark.parametrize("which", ["tiny", "shipped"])
-def test_encoding_in_workers_matches_in_process(folder, tiny_model, which):
-    """workers > 0 on CPU: the loading processes also encode (bf16 features passed on exactly for the
-    shipped bf16 encoder); captions, scores and errors equal those of encoding in this process."""
+def test_captioning_in_workers_matches_in_process(folder, tiny_model, which):
+    """workers > 0 on CPU: the loading processes also encode and search (one thread each); captions,
+    scores and errors equal those of captioning in this process."""
     cap = Captioner.load(tiny_model if which == "tiny" else None)
     paths = sorted(folder.iterdir())
     here = caption_files(cap, paths, CaptionJob(batch_size=4, workers=0), beam=2)
