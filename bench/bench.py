@@ -205,10 +205,61 @@ def stage_baseline(args, data: Path, beam: int) -> dict:
     return {"images": len(paths), "ips": len(paths) / repeat(run, 1, 0)[0]}
 
 
+def _encode_loop(cap, x, reps: int, barrier, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        barrier.wait()
+        t = time.perf_counter()
+        for _ in range(reps):
+            cap.encode(x)
+        results.put(time.perf_counter() - t)
+
+
+def stage_ceiling(args, data: Path) -> dict:
+    """CPU milliseconds per image of each step of `captioner caption` at one thread, as its workers run them
+    (32 images: decode + resize + crop, encode, search), and the encoder's throughput when 2 one-thread
+    processes run it side by side (they compete for the cores' shared resources). From the one-thread costs:
+    the most `cores` one-thread workers could do with perfect scaling, perfect overlap and no other overhead
+    (an upper bound: side by side, the encoder alone already loses some of it)."""
+    import multiprocessing as mp
+
+    import torch
+    from captioner.batch import _load, _split_transform
+    from captioner.model import Captioner
+
+    torch.set_num_threads(1)
+    cap, paths = Captioner.load(), sorted(data.glob("*.jpg"))[:32]
+    per_image, per_batch, min_side = _split_transform(cap.transform)
+    load = lambda: per_batch(torch.stack([per_image(_load(p, min_side)) for p in paths]))  # noqa: E731
+    x, ms = load(), lambda fn: 1000 * float(np.median(repeat(fn, 5, 1))) / len(paths)  # noqa: E731
+    cap.warm_up()
+    out = {"decode_ms": ms(load)}
+    with torch.no_grad():
+        out["encode_ms"], feats = ms(lambda: cap.encode(x)), cap.encode(x)
+        for b in (1, 3):
+            cfg = cap.search_config(beam=b)
+            out[f"search_b{b}_ms"] = ms(lambda: cap.caption_features(feats, cfg))
+    cores, reps = os.cpu_count() or 1, 5
+    ctx = mp.get_context("fork")  # forked: the processes share the loaded model, as the caption workers do
+    barrier, results = ctx.Barrier(cores), ctx.Queue()
+    procs = [ctx.Process(target=_encode_loop, args=(cap, x, reps, barrier, results)) for _ in range(cores)]
+    for proc in procs:
+        proc.start()
+    spent = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    out["encode_side_by_side_ips"] = cores * reps * len(paths) / max(spent)
+    for b in (1, 3):
+        out[f"ceiling_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + out["encode_ms"] + out[f"search_b{b}_ms"])
+    return out
+
+
 STAGES = {  # name -> (function, extra arguments)
     "encoder": (stage_encoder, ()), "caption_b1": (stage_caption, (1,)), "caption_b3": (stage_caption, (3,)),
     "latency": (stage_latency, ()), "video_1": (stage_video, (1.0,)), "video_0.5": (stage_video, (0.5,)),
-    "baseline_b1": (stage_baseline, (1,)), "baseline_b3": (stage_baseline, (3,))}
+    "baseline_b1": (stage_baseline, (1,)), "baseline_b3": (stage_baseline, (3,)), "ceiling": (stage_ceiling, ())}
 
 
 def child(args) -> None:
@@ -248,10 +299,21 @@ def table(r: dict, args) -> str:
                   + " / ".join(f"{v:.1f}" for v in c["runs"]),
                   f"{c['ips']:.1f} img/s", f">= {goal:.0f}", met(c["ips"] >= goal),
                   f"{c['rss_mib']:.0f} + workers {c['workers_rss_mib']:.0f}"),
-                 (f"baseline per-image (tutorial style, fp32), beam {b}", f"{base['ips']:.1f} img/s", "", "",
-                  base["rss_mib"]),
+                 (f"baseline per-image (tutorial style, fp32), beam {b}; runs: "
+                  + " / ".join(f"{v:.1f}" for v in base["runs"]), f"{base['ips']:.1f} img/s", "", "", base["rss_mib"]),
                  (f"speed-up batched / baseline, beam {b}", f"{c['ips'] / base['ips']:.1f}x", ">= 5x",
                   met(c["ips"] / base["ips"] >= GOALS["speedup"]), "")]
+    ce = r["ceiling"]
+    rows.append((f"one thread, CPU ms per image: decode + resize + crop / encode / search beam 1 / beam 3; "
+                 f"{os.cpu_count()} one-thread encoders side by side, img/s together (vs {os.cpu_count()} x one alone)",
+                 f"{ce['decode_ms']:.2f} / {ce['encode_ms']:.2f} / {ce['search_b1_ms']:.2f} / {ce['search_b3_ms']:.2f} ms; "
+                 f"{ce['encode_side_by_side_ips']:.0f} img/s (vs {1000 * os.cpu_count() / ce['encode_ms']:.0f})",
+                 "", "", ce["rss_mib"]))
+    for b in (1, 3):
+        ratio = ce[f"ceiling_b{b}_ips"] / r[f"baseline_b{b}"]["ips"]
+        rows.append((f"upper bound for `captioner caption` from the one-thread costs above, beam {b} (perfect scaling "
+                     "and overlap, no other overhead), and its ratio to the baseline", f"{ce[f'ceiling_b{b}_ips']:.0f} img/s ({ratio:.1f}x)",
+                     "", "", ""))
     for b in (1, 3):
         rows.append((f"single image 640x480 `cap.caption([img])`, beam {b}, p50 / p90 ({args.reps_lat} reps)",
                      f"{lat[f'b{b}_p50']:.1f} / {lat[f'b{b}_p90']:.1f} ms", "<= 100 ms" if b == 3 else "",
@@ -287,9 +349,10 @@ def main() -> None:
         make_images(images, args.images), make_video(video, args.seconds)
         print(f"inputs ready; load average {os.getloadavg()[0]:.2f}; running the stages", file=sys.stderr)
         results = {}
-        for s in STAGES:  # the caption stages vary most from run to run: the run with the median img/s of --runs
-            runs = sorted((run_stage(args, s, video if s.startswith("video") else images)
-                           for _ in range(args.runs if s.startswith("caption") else 1)), key=lambda r: r.get("ips", 0))
+        for s in STAGES:  # caption and baseline stages vary most from run to run: the run with the median img/s of --runs
+            reps = args.runs if s.startswith(("caption", "baseline")) else 1
+            runs = sorted((run_stage(args, s, video if s.startswith("video") else images) for _ in range(reps)),
+                          key=lambda r: r.get("ips", 0))
             results[s] = dict(runs[len(runs) // 2], runs=[r.get("ips") for r in runs])
         for b in (1, 3):  # the whole CLI process as a user runs it: start-up, imports and model load included
             cmd = [sys.executable, "-m", "captioner", "-q", "caption", str(images), "-o", f"{tmp}/b{b}.csv",
