@@ -128,6 +128,58 @@ def _classifier_size(encoder: Encoder, cfg: TrainConfig) -> int:
     return head.out_features
 
 
+def epoch_loader(dataset: CaptionPairs, text_pairs: TextPairs, n_text: int, cfg: TrainConfig, epoch: int,
+                 pad: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """The batches of one epoch: the image-caption pairs plus a fresh draw of n_text text-only captions,
+    shuffled by a seed of (cfg.seed, epoch) and, under torchrun, sharded by rank. Dropout and the view
+    draws are seeded the same way, so a resumed epoch replays exactly."""
+    epoch_data: Dataset = dataset
+    if n_text:  # the same draw on every rank
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 1)
+        chosen = torch.randperm(len(text_pairs), generator=g)[:n_text].tolist()
+        epoch_data = ConcatDataset([dataset, Subset(text_pairs, chosen)])
+    if world > 1:
+        sampler: Any = DistributedSampler(epoch_data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(epoch_data, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # dropout
+    dataset.gen.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # which cached view each pair uses
+    return DataLoader(epoch_data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, pad))
+
+
+def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: torch.optim.Optimizer,
+                criterion: nn.Module, cfg: TrainConfig, pad: int, device: torch.device, desc: str, show: bool,
+                tuned: Sequence[nn.Parameter] = (), head: Callable | None = None,
+                ema: AveragedModel | None = None) -> float:
+    """One pass of teacher forcing with the doubly stochastic attention penalty; returns the mean loss.
+    `model` is the decoder or its DDP wrapper; with `tuned` (fine-tuned encoder weights) the cached trunk
+    activations go through `head` first."""
+    from tqdm import tqdm
+
+    model.train()
+    total, steps = 0.0, 0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show)
+    for feats, caps in bar:
+        feats, caps = feats.to(device), caps.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if head is not None:
+                feats = head(feats)
+            logits, alphas = model(feats, caps)
+        target = caps[:, 1:]
+        loss = criterion(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+        loss = loss + cfg.alpha_c * attention_penalty(alphas.float(), (target != pad).float())
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([*decoder.parameters(), *tuned], cfg.grad_clip)
+        optim.step()
+        if ema is not None:
+            ema.update_parameters(decoder)
+        total, steps = total + loss.item(), steps + 1
+        bar.set_postfix(loss=f"{total / steps:.3f}")
+    return total / max(steps, 1)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train and return the path of the best checkpoint (by validation BLEU-4)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -202,50 +254,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     config = {"encoder": encoder.config.to_dict(), "decoder": dcfg.to_dict(), "train": cfg.to_dict(),
               "search": asdict(scfg), "data": {"train_images": len(train_caps), "val_images": len(val_items),
                                                     "text_only_captions": len(texts)}}
-    use_amp = device.type == "cuda"
     started = time.time() - ts["elapsed"]
-    from tqdm import tqdm
+    head = encoder.head if tuned else None
 
     for epoch in range(ts["epoch"] + 1, cfg.epochs + 1):
-        epoch_data: Dataset = dataset
-        if n_text:  # a fresh draw of text-only captions each epoch, the same on every rank
-            g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 1)
-            epoch_data = ConcatDataset([dataset, Subset(text_pairs, torch.randperm(len(text_pairs), generator=g)[:n_text].tolist())])
-        if distributed:
-            sampler = DistributedSampler(epoch_data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(epoch_data, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # dropout: a resumed epoch replays exactly
-        dataset.gen.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)
-        loader = DataLoader(epoch_data, batch_size=cfg.batch_size, sampler=sampler,
-                            collate_fn=lambda b: collate(b, vocab.pad))
-        model.train()
-        total, steps = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=rank != 0)
-        for feats, caps in bar:
-            feats, caps = feats.to(device), caps.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if tuned:
-                    feats = encoder.head(feats)
-                logits, alphas = model(feats, caps)
-            target = caps[:, 1:]
-            loss = criterion(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
-            loss = loss + cfg.alpha_c * attention_penalty(alphas.float(), (target != vocab.pad).float())
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_([*decoder.parameters(), *tuned], cfg.grad_clip)
-            optim.step()
-            if ema is not None:
-                ema.update_parameters(decoder)
-            total, steps = total + loss.item(), steps + 1
-            bar.set_postfix(loss=f"{total / steps:.3f}")
+        loader = epoch_loader(dataset, text_pairs, n_text, cfg, epoch, vocab.pad, rank, world)
+        loss = train_epoch(model, decoder, loader, optim, criterion, cfg, vocab.pad, device, f"epoch {epoch}",
+                           rank == 0, tuned, head, ema)
 
         # validation by real decoding (rank 0), shared with every rank
         score = torch.zeros(1)
         final = ema.module if ema is not None else decoder  # the weights that are validated and saved
         if rank == 0:
-            hyps = decode_features(final, vocab, val_feats, scfg, device, head=encoder.head if tuned else None)
+            hyps = decode_features(final, vocab, val_feats, scfg, device, head=head)
             metrics = score_captions(hyps, [it.captions for it in val_items])
             score[0] = metrics["BLEU-4"]
         if distributed:
@@ -259,7 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         else:
             ts["bad_epochs"] += 1
         if rank == 0:
-            record = {"epoch": epoch, "loss": total / max(steps, 1), "lr": optim.param_groups[0]["lr"],
+            record = {"epoch": epoch, "loss": loss, "lr": optim.param_groups[0]["lr"],
                       "elapsed_s": round(ts["elapsed"], 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
             log.info("epoch %d loss %.3f val BLEU-4 %.4f CIDEr-D %s lr %.1e%s", epoch, record["loss"], bleu4,
                      f"{metrics.get('CIDEr-D', float('nan')):.3f}", record["lr"], " *" if improved else "")
