@@ -18,6 +18,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
+def picture(i: int, size: tuple[int, int] = (64, 48)) -> "Image.Image":
+    """A light-grey image with a centred rectangle whose colour depends on i."""
+    from PIL import Image
+
+    img = Image.new("RGB", size, (240, 240, 240))
+    img.paste(((i * 53) % 256, (i * 97) % 256, (i * 151) % 256),
+              (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
+    return img
+
+
+@pytest.fixture(scope="module")
+def good_folder(tmp_path_factory) -> Path:
+    """Five small good PNGs, ok0.png .. ok4.png."""
+    d = tmp_path_factory.mktemp("good")
+    for i in range(5):
+        picture(i).save(d / f"ok{i}.png")
+    return d
+
+
 def shared_or_skip(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():

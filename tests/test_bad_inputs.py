@@ -26,6 +26,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import picture
 from PIL import Image
 
 from captioner.cli import main
@@ -44,13 +45,6 @@ HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(range(256)) *
 UNREADABLE = "unreadable.png"  # open() of this name fails with EACCES (simulated: root reads anything)
 LONG = "l" * 246 + ".png"  # 250 bytes
 NON_UTF8 = b"caf\xe9.png"
-
-
-def picture(i: int, size=(64, 48)) -> Image.Image:
-    img = Image.new("RGB", size, (235, 235, 235))
-    img.paste(((i * 67) % 256, (i * 113) % 256, (i * 29) % 256),
-              (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
-    return img
 
 
 def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -406,16 +400,8 @@ def test_bad_checkpoints_app_py(checkpoints, capsys):
 
 
 # ------------------------------------------------------------------------------- faults ------
-@pytest.fixture(scope="module")
-def five(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("five")
-    for i in range(5):
-        picture(i).save(d / f"ok{i}.png")
-    return d
-
-
-def caption_to(out: Path, five: Path, tiny_model: Path, *extra: str) -> int:
-    return main(["caption", str(five), "-o", str(out), "--model", str(tiny_model), "--workers", "0",
+def caption_to(out: Path, good_folder: Path, tiny_model: Path, *extra: str) -> int:
+    return main(["caption", str(good_folder), "-o", str(out), "--model", str(tiny_model), "--workers", "0",
                  "--batch-size", "2", "--no-progress", *extra])
 
 
@@ -426,16 +412,16 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_output_parent_is_a_file(five, tiny_model, tmp_path, capsys):
+def test_output_parent_is_a_file(good_folder, tiny_model, tmp_path, capsys):
     (tmp_path / "file").write_text("a regular file\n")
     out = tmp_path / "file" / "out.jsonl"
-    assert caption_to(out, five, tiny_model) == 1
+    assert caption_to(out, good_folder, tiny_model) == 1
     assert "Not a directory" in one_error_line(capsys.readouterr().err)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
-def test_output_cannot_be_opened(five, tiny_model, tmp_path, capsys, monkeypatch, code):
+def test_output_cannot_be_opened(good_folder, tiny_model, tmp_path, capsys, monkeypatch, code):
     from captioner import batch
 
     def refuse(*args, **kwargs):
@@ -443,7 +429,7 @@ def test_output_cannot_be_opened(five, tiny_model, tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(batch, "open", refuse, raising=False)
     out = tmp_path / "out.jsonl"
-    assert caption_to(out, five, tiny_model) == 1
+    assert caption_to(out, good_folder, tiny_model) == 1
     assert os.strerror(code) in one_error_line(capsys.readouterr().err) and not out.exists()
 
 
@@ -461,20 +447,20 @@ def disk_full_after(monkeypatch, good_syncs: int) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-def test_disk_full_on_first_write_leaves_no_file(five, tiny_model, tmp_path, capsys, monkeypatch, fmt):
+def test_disk_full_on_first_write_leaves_no_file(good_folder, tiny_model, tmp_path, capsys, monkeypatch, fmt):
     out = tmp_path / f"out.{fmt}"
     disk_full_after(monkeypatch, 0)
-    assert caption_to(out, five, tiny_model) == 1
+    assert caption_to(out, good_folder, tiny_model) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "nothing was written" in line
     assert not out.exists()  # no empty (or header-only) file that looks like a finished run with 0 images
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-def test_disk_full_mid_run_keeps_complete_batches_and_resumes(five, tiny_model, tmp_path, capsys, monkeypatch, fmt):
+def test_disk_full_mid_run_keeps_complete_batches_and_resumes(good_folder, tiny_model, tmp_path, capsys, monkeypatch, fmt):
     out = tmp_path / f"out.{fmt}"
     disk_full_after(monkeypatch, 2 if fmt == "csv" else 1)  # csv: the header is one sync of its own
-    assert caption_to(out, five, tiny_model) == 1
+    assert caption_to(out, good_folder, tiny_model) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "2 rows" in line and "--resume" in line
     from captioner.batch import read_rows
@@ -483,7 +469,7 @@ def test_disk_full_mid_run_keeps_complete_batches_and_resumes(five, tiny_model, 
     assert data.endswith(b"\n") and len(read_rows(out, fmt)) == 2  # the first batch, no half-written row
     assert data.count(b"\n") == 2 + (fmt == "csv")
     monkeypatch.undo()  # space freed
-    assert caption_to(out, five, tiny_model, "--resume") == 0
+    assert caption_to(out, good_folder, tiny_model, "--resume") == 0
     rows = read_rows(out, fmt)
     assert sorted(Path(r["path"]).name for r in rows) == [f"ok{i}.png" for i in range(5)]
     assert all(r["caption"] for r in rows)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from conftest import picture
 
 from captioner.batch import CaptionJob, caption_files, read_rows
 from captioner.cli import main
@@ -24,12 +24,6 @@ from captioner.model import Captioner
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 BROKEN = ("empty.jpg", "fake.png", "truncated.jpg")
-
-
-def picture(i: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
-    img = Image.new("RGB", size, (240, 240, 240))
-    img.paste(((i * 53) % 256, (i * 97) % 256, (i * 151) % 256), (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
-    return img
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +44,6 @@ def folder(tmp_path_factory) -> Path:
     (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (d / "fake.png").write_text("this is not a picture\n")
     (d / "notes.txt").write_text("folder expansion must skip me\n")
-    return d
-
-
-@pytest.fixture(scope="module")
-def good_folder(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("good")
-    for i in range(5):
-        picture(i).save(d / f"ok{i}.png")
     return d
 
 
