@@ -226,13 +226,13 @@ def stage_ceiling(args, data: Path) -> dict:
     import multiprocessing as mp
 
     import torch
-    from captioner.batch import _load, _split_transform
+    from captioner.batch import _Files, _split_transform
     from captioner.model import Captioner
 
     torch.set_num_threads(1)
     cap, paths = Captioner.load(), sorted(data.glob("*.jpg"))[:32]
-    per_image, per_batch, min_side = _split_transform(cap.transform)
-    load = lambda: per_batch(torch.stack([per_image(_load(p, min_side)) for p in paths]))  # noqa: E731
+    files = _Files(paths, len(paths), *_split_transform(cap.transform))  # one batch, loaded as the workers do
+    load = lambda: files[0][1]  # noqa: E731
     x, ms = load(), lambda fn: 1000 * float(np.median(repeat(fn, 5, 1))) / len(paths)  # noqa: E731
     cap.warm_up()
     out = {"decode_ms": ms(load)}

@@ -16,6 +16,7 @@ import stat
 import sys
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -122,8 +123,8 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     With workers on CPU, each loading process captions its own batches end to end (load, encode, search;
     one thread each, as DataLoader workers do) and this process only collects and writes: on a 2-core CPU
     that keeps both cores busy with no thread waiting on another. Encoding in the workers and searching
-    here was slower (a third busy process; 130 vs ~155 img/s), and 2 encoder threads here + image loading
-    in the workers oversubscribe the cores (~98 img/s; bench/README.md). On CUDA the model stays here."""
+    here was slower (a third busy process: 136 vs 163 img/s greedy on 1,000 images, README "Speed").
+    On CUDA the model stays here."""
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram)
@@ -133,7 +134,7 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     if in_workers and len(paths) > job.batch_size:
         cap.warm_up()  # once, here: the forked workers inherit oneDNN's compiled kernels instead of each compiling them
     files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side,
-                   (lambda x: cap.caption_tensors(x, cfg)) if in_workers else None)
+                   partial(cap.caption_tensors, cfg=cfg) if in_workers else None)  # picklable for spawn too
     loader = DataLoader(files, batch_size=None, num_workers=job.workers)
     results: list[Row] = []
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
