@@ -58,16 +58,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """First frame, EXIF orientation applied, any mode -> RGB (transparency composited onto white)."""
     if getattr(img, "n_frames", 1) > 1 and img.tell() != 0:
         img.seek(0)
-    try:
-        img = ImageOps.exif_transpose(img)
+    img.load()
+    try:  # in place: no copy of the pixels when there is nothing to rotate (most photos)
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # a broken EXIF block must not make a fine picture unreadable
-        img = img.copy()
+        pass
     if img.mode.startswith("I") or img.mode == "F":
         img = _high_depth_to_l(img)
     if img.has_transparency_data:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _decode(fp: IO[bytes], name: str, max_pixels: int) -> Image.Image:
