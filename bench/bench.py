@@ -114,8 +114,10 @@ def stage_encoder(args, data: Path) -> dict:
     return out
 
 
-def stage_caption(args, data: Path, beam: int) -> dict:
-    total, load, _ = run_cli(["caption", str(data), "--beam", str(beam), "--batch-size", "32", "--no-progress"], "o.csv")
+def stage_caption(args, data: Path, beam: int, compiled: bool = False) -> dict:
+    flags = ["--compile"] if compiled else []  # the package was built before the stages ran (main)
+    total, load, _ = run_cli(["caption", str(data), "--beam", str(beam), "--batch-size", "32", "--no-progress", *flags],
+                             "o.csv")
     n = len(list(data.glob("*.jpg")))
     return {"images": n, "load_s": load, "total_s": total, "ips": n / (total - load), "ips_with_load": n / total}
 
@@ -238,6 +240,10 @@ def stage_ceiling(args, data: Path) -> dict:
     out = {"decode_ms": ms(load)}
     with torch.no_grad():
         out["encode_ms"], feats = ms(lambda: cap.encode(x)), cap.encode(x)
+        if args.compiled:
+            cap.compile_encoder()
+            out["encode_compiled_ms"] = ms(lambda: cap.encode(x))
+            cap.compiled = None
         for b in (1, 3):
             cfg = cap.search_config(beam=b)
             out[f"search_b{b}_ms"] = ms(lambda: cap.caption_features(feats, cfg))
@@ -253,13 +259,30 @@ def stage_ceiling(args, data: Path) -> dict:
     out["encode_side_by_side_ips"] = cores * reps * len(paths) / max(spent)
     for b in (1, 3):
         out[f"ceiling_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + out["encode_ms"] + out[f"search_b{b}_ms"])
+        if args.compiled:
+            out[f"ceiling_compiled_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + out["encode_compiled_ms"]
+                                                                + out[f"search_b{b}_ms"])
     return out
 
 
-STAGES = {  # name -> (function, extra arguments)
+STAGES = {  # name -> (function, extra arguments); "large": run on the --large folder
     "encoder": (stage_encoder, ()), "caption_b1": (stage_caption, (1,)), "caption_b3": (stage_caption, (3,)),
+    "compiled_b1": (stage_caption, (1, True)), "compiled_b3": (stage_caption, (3, True)),
+    "large_b1": (stage_caption, (1,)), "large_b3": (stage_caption, (3,)),
+    "large_compiled_b1": (stage_caption, (1, True)), "large_compiled_b3": (stage_caption, (3, True)),
     "latency": (stage_latency, ()), "video_1": (stage_video, (1.0,)), "video_0.5": (stage_video, (0.5,)),
     "baseline_b1": (stage_baseline, (1,)), "baseline_b3": (stage_baseline, (3,)), "ceiling": (stage_ceiling, ())}
+
+
+def build_compiled(args) -> dict:
+    """`--compile`'s one-off step, timed in a fresh process: export + AOTInductor build of the encoder into
+    CAPTIONER_CACHE (the bench's own temporary folder, so it is built from scratch on every run)."""
+    code = "from captioner.model import Captioner; Captioner.load().compile_encoder()"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"building the compiled encoder failed:\n{proc.stderr[-3000:]}")
+    return {"build_s": time.perf_counter() - t}
 
 
 def child(args) -> None:
@@ -274,7 +297,7 @@ def child(args) -> None:
 
 def run_stage(args, stage: str, inp: Path) -> dict:
     cmd = [sys.executable, __file__, "--stage", stage, "--input", str(inp), "--threads", str(args.threads),
-           "--reps-enc", str(args.reps_enc), "--reps-lat", str(args.reps_lat)]
+           "--reps-enc", str(args.reps_enc), "--reps-lat", str(args.reps_lat)] + ([] if args.compiled else ["--no-compiled"])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -286,34 +309,46 @@ def run_stage(args, stage: str, inp: Path) -> dict:
 def table(r: dict, args) -> str:
     met = lambda good: "yes" if good else "NO"  # noqa: E731
     enc, lat = r["encoder"], r["latency"]
-    bf16 = ")" if enc["bf16_autocast"] else "; no bf16 on this CPU: fp32)"
+    bf16 = "" if enc["bf16_autocast"] else " (no bf16 on this CPU: fp32)"
     rows = [("encoder alone, batch 32, fp32 (as loaded from the package)", f"{enc['fp32']:.1f} img/s", "", "", enc["rss_mib"]),
             (f"encoder alone, batch 32, channels_last + bf16 autocast{bf16}", f"{enc['autocast']:.1f} img/s",
              "", "", enc["rss_mib"]),
             ("encoder alone, 32 images in chunks of 8, as `captioner` runs it (BatchNorm folded, bf16 weights where "
              "fast: `Encoder.prepare_inference`)", f"{enc['fast']:.1f} img/s", "", "", enc["rss_mib"])]
+    build = f"; its one-off build took {r['compile']['build_s']:.0f} s (not counted)" if "compile" in r else ""
+    variants = [("caption", "", ""), ("compiled", " --compile", build), ("large", "", ""),
+                ("large_compiled", " --compile", build)]
     for b in (1, 3):
-        c, base, goal = r[f"caption_b{b}"], r[f"baseline_b{b}"], GOALS[f"caption_b{b}"]
-        rows += [(f"`captioner caption` {c['images']} JPEGs, beam {b}, batch 32, excl. {c['load_s']:.1f} s model load "
-                  f"(incl.: {c['ips_with_load']:.1f}; whole process with imports: {c['process_ips']:.1f}); runs: "
-                  + " / ".join(f"{v:.1f}" for v in c["runs"]),
-                  f"{c['ips']:.1f} img/s", f">= {goal:.0f}", met(c["ips"] >= goal),
-                  f"{c['rss_mib']:.0f} + workers {c['workers_rss_mib']:.0f}"),
-                 (f"baseline per-image (tutorial style, fp32), beam {b}; runs: "
-                  + " / ".join(f"{v:.1f}" for v in base["runs"]), f"{base['ips']:.1f} img/s", "", "", base["rss_mib"]),
-                 (f"speed-up batched / baseline, beam {b}", f"{c['ips'] / base['ips']:.1f}x", ">= 5x",
-                  met(c["ips"] / base["ips"] >= GOALS["speedup"]), "")]
+        base, goal = r[f"baseline_b{b}"], GOALS[f"caption_b{b}"]
+        rows.append((f"baseline per-image (tutorial style, fp32), beam {b}; runs: "
+                     + " / ".join(f"{v:.1f}" for v in base["runs"]), f"{base['ips']:.1f} img/s", "", "", base["rss_mib"]))
+        for name, flag, note in variants:
+            c = r.get(f"{name}_b{b}")
+            if c is None:
+                continue
+            extra = (f" (incl.: {c['ips_with_load']:.1f}; whole process with imports: {c['process_ips']:.1f})"
+                     if "process_ips" in c else "")
+            rows += [(f"`captioner caption{flag}`, {c['images']} JPEGs, beam {b}, batch 32, excl. {c['load_s']:.1f} s "
+                      f"model load{extra}{note}; runs: " + " / ".join(f"{v:.1f}" for v in c["runs"]),
+                      f"{c['ips']:.1f} img/s", f">= {goal:.0f}", met(c["ips"] >= goal),
+                      f"{c['rss_mib']:.0f} + workers {c['workers_rss_mib']:.0f}"),
+                     (f"speed-up over the baseline: the row above / baseline beam {b}", f"{c['ips'] / base['ips']:.1f}x",
+                      ">= 5x", met(c["ips"] / base["ips"] >= GOALS["speedup"]), "")]
     ce = r["ceiling"]
     rows.append((f"one thread, CPU ms per image: decode + resize + crop / encode / search beam 1 / beam 3; "
                  f"{os.cpu_count()} one-thread encoders side by side, img/s together (vs {os.cpu_count()} x one alone)",
                  f"{ce['decode_ms']:.2f} / {ce['encode_ms']:.2f} / {ce['search_b1_ms']:.2f} / {ce['search_b3_ms']:.2f} ms; "
                  f"{ce['encode_side_by_side_ips']:.0f} img/s (vs {1000 * os.cpu_count() / ce['encode_ms']:.0f})",
                  "", "", ce["rss_mib"]))
-    for b in (1, 3):
-        ratio = ce[f"ceiling_b{b}_ips"] / r[f"baseline_b{b}"]["ips"]
-        rows.append((f"upper bound for `captioner caption` from the one-thread costs above, beam {b} (perfect scaling "
-                     "and overlap, no other overhead), and its ratio to the baseline", f"{ce[f'ceiling_b{b}_ips']:.0f} img/s ({ratio:.1f}x)",
-                     "", "", ""))
+    if "encode_compiled_ms" in ce:
+        rows.append(("one thread, CPU ms per image: encode with the compiled encoder (`--compile`)",
+                     f"{ce['encode_compiled_ms']:.2f} ms", "", "", ce["rss_mib"]))
+    for key, how in (("ceiling", ""), ("ceiling_compiled", ", compiled encoder")):
+        for b in (1, 3) if f"{key}_b1_ips" in ce else ():
+            ratio = ce[f"{key}_b{b}_ips"] / r[f"baseline_b{b}"]["ips"]
+            rows.append((f"upper bound for `captioner caption`{how} from the one-thread costs above, beam {b} (perfect "
+                         "scaling and overlap, no other overhead), and its ratio to the baseline",
+                         f"{ce[f'{key}_b{b}_ips']:.0f} img/s ({ratio:.1f}x)", "", "", ""))
     for b in (1, 3):
         rows.append((f"single image 640x480 `cap.caption([img])`, beam {b}, p50 / p90 ({args.reps_lat} reps)",
                      f"{lat[f'b{b}_p50']:.1f} / {lat[f'b{b}_p90']:.1f} ms", "<= 100 ms" if b == 3 else "",
@@ -334,6 +369,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: few images, short video, few repetitions")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
     p.add_argument("--runs", type=int, default=3, help="runs of each caption stage (median reported; default 3)")
+    p.add_argument("--large", type=int, default=1000, help="also caption a folder of this many images (0: skip)")
+    p.add_argument("--no-compiled", dest="compiled", action="store_false",
+                   help="skip the `--compile` stages (they build the compiled encoder first: ~20 s, needs g++)")
     for flag, kw in (("--stage", {"choices": STAGES}), ("--input", {}), ("--reps-enc", {"type": int, "default": 10}),
                      ("--reps-lat", {"type": int, "default": 30})):  # internal: parent -> stage process
         p.add_argument(flag, help=argparse.SUPPRESS, **kw)
@@ -341,18 +379,22 @@ def main() -> None:
     if args.stage:
         return child(args)
     if args.quick:
-        args.images, args.reps_enc, args.reps_lat, args.runs = min(args.images, 48), 3, 10, 1
+        args.images, args.reps_enc, args.reps_lat, args.runs, args.large = min(args.images, 48), 3, 10, 1, 0
     args.seconds = 10 if args.quick else 60
     (all0, own0), wall0 = cpu_seconds(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
-        images, video = Path(tmp) / "images", Path(tmp) / "video.mp4"
+        images, large, video = Path(tmp) / "images", Path(tmp) / "large", Path(tmp) / "video.mp4"
         make_images(images, args.images), make_video(video, args.seconds)
+        if args.large:
+            make_images(large, args.large, seed=1)
+        os.environ["CAPTIONER_CACHE"] = f"{tmp}/cache"  # the stage processes inherit it
+        results = {"compile": build_compiled(args)} if args.compiled else {}
         print(f"inputs ready; load average {os.getloadavg()[0]:.2f}; running the stages", file=sys.stderr)
-        results = {}
-        for s in STAGES:  # caption and baseline stages vary most from run to run: the run with the median img/s of --runs
-            reps = args.runs if s.startswith(("caption", "baseline")) else 1
-            runs = sorted((run_stage(args, s, video if s.startswith("video") else images) for _ in range(reps)),
-                          key=lambda r: r.get("ips", 0))
+        stages = [s for s in STAGES if (args.large or "large" not in s) and (args.compiled or "compiled" not in s)]
+        for s in stages:  # caption and baseline stages vary most from run to run: the run with the median img/s of --runs
+            reps = args.runs if s.startswith(("caption", "baseline", "compiled", "large")) else 1
+            inp = video if s.startswith("video") else large if s.startswith("large") else images
+            runs = sorted((run_stage(args, s, inp) for _ in range(reps)), key=lambda r: r.get("ips", 0))
             results[s] = dict(runs[len(runs) // 2], runs=[r.get("ips") for r in runs])
         for b in (1, 3):  # the whole CLI process as a user runs it: start-up, imports and model load included
             cmd = [sys.executable, "-m", "captioner", "-q", "caption", str(images), "-o", f"{tmp}/b{b}.csv",

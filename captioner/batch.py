@@ -334,6 +334,9 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                    help="image-loading processes (0 = in the main process; default %(default)s)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in OUT, caption only the missing images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: encode with an ahead-of-time compiled encoder (~2x faster encoding; built once in "
+                        "~20 s with a C++ compiler, then cached in CAPTIONER_CACHE or ~/.cache/captioner)")
     _add_model_args(p)
     _add_search_args(p)
     p.set_defaults(func=run_caption, caption_parser=p)
@@ -377,6 +380,8 @@ def run_caption(args: argparse.Namespace) -> int:
         raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
     local = os.environ.get("LOCAL_RANK", "0")
     cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device)
+    if args.compile:
+        cap.compile_encoder()
     job = CaptionJob(**_search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                      progress_bar=not args.no_progress and rank == 0 and sys.stderr.isatty())
     alternatives = cap.search_config(**_search_kwargs(args), topk=args.topk).topk > 1
