@@ -132,7 +132,7 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     per_image, per_batch, min_side = _split_transform(cap.transform)
     in_workers = job.workers > 0 and cap.device.type == "cpu"
     if in_workers and len(paths) > job.batch_size:
-        cap.warm_up()  # once, here: the forked workers inherit oneDNN's compiled kernels instead of each compiling them
+        cap.warm_up(threads=1)  # once, here, at the workers' one thread: they inherit oneDNN's kernels for it
     files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side,
                    partial(cap.caption_tensors, cfg=cfg) if in_workers else None)  # picklable for spawn too
     loader = DataLoader(files, batch_size=None, num_workers=job.workers)

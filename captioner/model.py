@@ -190,10 +190,17 @@ class Captioner:
         self._warm = False
 
     @torch.no_grad()
-    def warm_up(self) -> None:
-        """Run the encoder once on a blank chunk: oneDNN compiles its kernels on first use (~0.1-0.3 s)."""
+    def warm_up(self, threads: int | None = None) -> None:
+        """Run the encoder once on a blank chunk: oneDNN compiles its kernels on first use (~0.1-0.3 s), and a
+        compiled encoder loads. `threads`: the torch thread count the encoder will run at (oneDNN's kernels are
+        made for one), e.g. 1 before forking one-thread workers."""
         if not self._warm:
-            self.encode(self.preprocess([Image.new("RGB", (320, 320))] * ENCODE_CHUNK))
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads or before)
+            try:
+                self.encode(self.preprocess([Image.new("RGB", (320, 320))] * ENCODE_CHUNK))
+            finally:
+                torch.set_num_threads(before)
             self._warm = True
 
     @torch.no_grad()
