@@ -92,10 +92,14 @@ def build(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
     _compiler()
     if not encoder.prepared:
         raise CaptionerError("compile the encoder after Encoder.prepare_inference")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".tmp-", suffix=".pt2")  # aoti wants .pt2
+        os.close(fd)
+    except OSError as exc:  # read-only, full, or a file where the folder should be
+        raise CaptionerError(f"cannot write the compiled encoder to {path.parent}: {exc.strerror or exc} "
+                             "(set CAPTIONER_CACHE to a writable folder)") from None
     threads = torch.get_num_threads()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".tmp-", suffix=".pt2")  # aoti wants .pt2
-    os.close(fd)
     try:
         torch.set_num_threads(1)
         example = torch.zeros(8, 3, *size)
@@ -108,7 +112,7 @@ def build(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
     except CaptionerError:
         raise
     except OSError as exc:
-        raise CaptionerError(f"could not write the compiled encoder to {path.parent}: {exc.strerror or exc}") from None
+        raise CaptionerError(f"cannot write the compiled encoder to {path.parent}: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - export / inductor / compiler failures: one line, no traceback
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise CaptionerError(f"compiling the encoder failed ({type(exc).__name__}: {first}); "

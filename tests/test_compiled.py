@@ -68,6 +68,16 @@ def test_compile_without_a_compiler_is_one_clear_error(tiny_model, good_folder, 
 
 
 @needs_cxx
+def test_an_unwritable_cache_is_one_clear_error(tiny_model, good_folder, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "a-file"))
+    assert main(["caption", str(good_folder), "--model", str(tiny_model), "--compile"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("captioner: error: cannot write the compiled encoder to") and "CAPTIONER_CACHE" in err
+    assert "Traceback" not in err
+
+
+@needs_cxx
 def test_a_damaged_package_is_one_clear_error(tiny_model, good_folder, cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
     cap = Captioner.load(tiny_model)
