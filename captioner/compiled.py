@@ -30,7 +30,7 @@ from .encoder import Encoder
 from .errors import CaptionerError
 
 log = logging.getLogger("captioner")
-FORMAT = "captioner-aoti/1"  # bump when what goes into the package changes
+FORMAT = "captioner-aoti/2"  # bump when what goes into the package changes (2: features and logits out)
 
 
 def cache_root() -> Path:
@@ -53,15 +53,15 @@ def package_key(encoder: Encoder, size: tuple[int, int]) -> str:
 
 
 class _Features(torch.nn.Module):
-    """What gets compiled: normalised float images (B, 3, H, W) -> annotation vectors (B, L, D), float32."""
+    """What gets compiled: normalised float images (B, 3, H, W) -> annotation vectors (B, L, D) and ImageNet logits,
+    float32 (Encoder.forward_prepared; the logits cost little and dropping them trips inductor's freezing)."""
 
     def __init__(self, encoder: Encoder):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.encoder.weights_dtype).contiguous(memory_format=torch.channels_last)
-        return self.encoder._forward(x)[0].float()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.forward_prepared(images)
 
 
 @contextlib.contextmanager
@@ -99,7 +99,8 @@ def build(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
     except OSError as exc:  # read-only, full, or a file where the folder should be
         raise CaptionerError(f"cannot write the compiled encoder to {path.parent}: {exc.strerror or exc} "
                              "(set CAPTIONER_CACHE to a writable folder)") from None
-    threads = torch.get_num_threads()
+    log.info("compiling the encoder for this CPU (once; ~20 s): %s", path)
+    start, threads = time.perf_counter(), torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         example = torch.zeros(8, 3, *size)
@@ -109,8 +110,6 @@ def build(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs={"freezing": True})
         os.chmod(tmp, 0o644)  # mkstemp made it private; it holds nothing secret
         os.replace(tmp, path)
-    except CaptionerError:
-        raise
     except OSError as exc:
         raise CaptionerError(f"cannot write the compiled encoder to {path.parent}: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - export / inductor / compiler failures: one line, no traceback
@@ -120,6 +119,7 @@ def build(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
     finally:
         torch.set_num_threads(threads)
         Path(tmp).unlink(missing_ok=True)
+    log.info("compiled in %.1f s", time.perf_counter() - start)
     return path
 
 
@@ -149,7 +149,7 @@ class CompiledEncoder:
                 raise CaptionerError(f"cannot load the compiled encoder {self.path} ({type(exc).__name__}); "
                                      "delete it to rebuild, or run without --compile") from None
         with torch.no_grad():
-            return self._model(images.contiguous())
+            return self._model(images.contiguous())[0]
 
 
 def compiled_encoder(encoder: Encoder, size: tuple[int, int], root: Path | None = None) -> CompiledEncoder:
@@ -159,9 +159,5 @@ def compiled_encoder(encoder: Encoder, size: tuple[int, int], root: Path | None 
         raise CaptionerError("--compile is for the CPU (on a GPU the eager encoder is already fast)")
     path = (root or cache_root()) / "aoti" / f"encoder-{package_key(encoder, size)}.pt2"
     if not path.is_file():
-        _compiler()
-        log.info("compiling the encoder for this CPU (once; ~20 s): %s", path)
-        start = time.perf_counter()
         build(encoder, path, size)
-        log.info("compiled in %.1f s", time.perf_counter() - start)
     return CompiledEncoder(path, size)

@@ -229,15 +229,21 @@ class Encoder(nn.Module):
         """Fast inference: channels_last and (on CPU with bf16 support, or CUDA) bf16 autocast, or the bf16
         weights of a prepared network. Returns float32 tensors."""
         device = images.device
-        images = images.contiguous(memory_format=torch.channels_last)
         if self.weights_dtype == torch.bfloat16:
             with torch.no_grad():
-                feats, logits = self._forward(images.to(torch.bfloat16))
-            return feats.float(), logits.float()
+                return self.forward_prepared(images)
+        images = images.contiguous(memory_format=torch.channels_last)
         if bf16 is None:
             bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             feats, logits = self._forward(images)
+        return feats.float(), logits.float()
+
+    def forward_prepared(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network as prepare_inference left it, no autocast: images in its weights' dtype and channels_last;
+        float32 out. What `encode` runs for bf16 weights, and what compiled.py exports."""
+        x = images.to(self.weights_dtype).contiguous(memory_format=torch.channels_last)
+        feats, logits = self._forward(x)
         return feats.float(), logits.float()
 
     def encode_cached(self, images: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,18 @@ def picture(i: int, size: tuple[int, int] = (64, 48)) -> "Image.Image":
     return img
 
 
+def picture_folder(tmp_path_factory, name: str, files: list[str]) -> Path:
+    """A new folder with picture(i) saved as files[i] (the format follows the extension)."""
+    d = tmp_path_factory.mktemp(name)
+    for i, file in enumerate(files):
+        picture(i).save(d / file)
+    return d
+
+
 @pytest.fixture(scope="module")
 def good_folder(tmp_path_factory) -> Path:
     """Five small good PNGs, ok0.png .. ok4.png."""
-    d = tmp_path_factory.mktemp("good")
-    for i in range(5):
-        picture(i).save(d / f"ok{i}.png")
-    return d
+    return picture_folder(tmp_path_factory, "good", [f"ok{i}.png" for i in range(5)])
 
 
 def shared_or_skip(*parts: str) -> Path:

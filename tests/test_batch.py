@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import picture
+from conftest import picture, picture_folder
 
 from captioner.batch import CaptionJob, caption_files, read_rows
 from captioner.cli import main
@@ -186,10 +186,7 @@ SLOW = ("import sys, time, captioner.batch as b; load = b.load_image; "
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("many")
-    for i in range(60):
-        picture(i).save(d / f"pic{i:03d}.{'jpg' if i % 3 else 'png'}")
-    return d
+    return picture_folder(tmp_path_factory, "many", [f"pic{i:03d}.{'jpg' if i % 3 else 'png'}" for i in range(60)])
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
