@@ -123,3 +123,46 @@ def format_scores(scores: dict[str, float]) -> str:
     notes += [f"{name} {scores[name]:.3f}" for name in ("CIDEr-D", "ROUGE-L") if name in scores]
     notes.append("scale 0-1" + (", CIDEr-D 0-10" if "CIDEr-D" in scores else ""))
     return f"{bleu} ({'; '.join(notes)})"
+
+
+class CiderD:
+    """CIDEr-D against fixed references, for scoring many captions one at a time (the SCST reward).
+
+    pycocoevalcap's `Cider` takes its idf from whatever batch it is given and re-weights every reference on
+    each call; a reward needs one idf for the whole training corpus. This is the same formula (tf-idf 1..4-grams,
+    clipped, Gaussian length penalty sigma 6, x10, "length" counted in bigrams as coco-caption does) with the
+    document frequencies and reference vectors computed once: `CiderD(refs).score(hyp, i)` for the corpus
+    `refs` equals pycocoevalcap's per-image score for hyp (tests/test_metrics.py)."""
+
+    def __init__(self, refs: Sequence[Sequence[Tokens]], n: int = 4, sigma: float = 6.0):
+        if not refs or any(len(rs) == 0 for rs in refs):
+            raise CaptionerError("CIDEr-D needs at least one reference per image")
+        self.n, self.sigma, self.tokens = n, sigma, refs
+        cooked = [[_ngrams(r, n) for r in rs] for rs in refs]
+        self.df: Counter = Counter(g for rs in cooked for g in {g for r in rs for g in r})
+        self.log_images = math.log(len(refs))
+        self.refs = [[self._vector(c) for c in rs] for rs in cooked]
+
+    def _vector(self, counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(self.n)]
+        norm = [0.0] * self.n
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            w = tf * (self.log_images - math.log(max(1.0, self.df.get(gram, 0.0))))
+            vec[k][gram] = w
+            norm[k] += w * w
+        bigrams = sum(tf for gram, tf in counts.items() if len(gram) == 2)
+        return vec, [math.sqrt(x) for x in norm], bigrams
+
+    def score(self, hyp: Tokens, i: int) -> float:
+        """CIDEr-D of one caption (tokens) for image i of the corpus."""
+        vh, nh, lh = self._vector(_ngrams(hyp, self.n))
+        total = 0.0
+        for vr, nr, lr in self.refs[i]:
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma**2))
+            for k in range(self.n):
+                dot = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
+                if nh[k] and nr[k]:
+                    dot /= nh[k] * nr[k]
+                total += dot * penalty / self.n
+        return 10.0 * total / len(self.refs[i])

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from captioner.errors import CaptionerError
-from captioner.metrics import coco_bleu, format_scores, nltk_bleu, score_captions
+from captioner.metrics import CiderD, coco_bleu, format_scores, nltk_bleu, score_captions
 from captioner.vocab import tokenize
 
 WORDS = "a the dog cat man woman on in with red ball grass street sitting running is".split()
@@ -97,3 +97,24 @@ def test_score_captions_errors():
         score_captions(["a dog", "a cat"], [["a dog"], []])
     with pytest.raises(CaptionerError):
         score_captions([], [])
+
+
+def test_cider_d_with_fixed_idf_equals_pycocoevalcap_per_image():
+    """CiderD(refs).score(h, i) is coco-caption's CIDEr-D of h for image i of the corpus refs: the same
+    idf, clipping, length penalty (in bigrams) and scale; including empty and one-word captions."""
+    cider_mod = pytest.importorskip("pycocoevalcap.cider.cider")
+    hyps, refs = corpus()
+    hyps = hyps + [[], ["dog"]]
+    refs = refs + [refs[0], refs[1]]
+    gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [" ".join(h)] for i, h in enumerate(hyps)}
+    mean, per_image = cider_mod.Cider().compute_score(gts, res)
+    cider = CiderD(refs)
+    ours = [cider.score(h, i) for i, h in enumerate(hyps)]
+    assert 0.1 < mean < 10 and len(set(per_image.round(6))) > 10  # the corpus is non-trivial
+    assert ours == pytest.approx(list(per_image), abs=1e-9, rel=0)
+    # scoring one caption does not depend on which others are scored with it (the point of a fixed idf)
+    assert cider.score(hyps[3], 3) == ours[3]
+    assert cider.score(refs[0][0], 0) > cider.score(refs[0][0], 2)
+    with pytest.raises(CaptionerError):
+        CiderD([[["a", "dog"]], []])
