@@ -228,6 +228,22 @@ class CaptionPairs(Dataset):
         return self.views[v][image], caption
 
 
+class ImageViews(Dataset):
+    """(image feature row, image index) for every image once; each draw picks a random cached view.
+    Self-critical training samples its own captions, so it iterates over images, not captions."""
+
+    def __init__(self, views: list[np.ndarray], seed: int = 0):
+        self.views = [torch.from_numpy(np.array(v)) for v in views]
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.views[0])
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        v = int(torch.randint(len(self.views), (1,), generator=self.gen)) if len(self.views) > 1 else 0
+        return self.views[v][idx], idx
+
+
 class TextPairs(Dataset):
     """Captions without an image: (all-zero feature grid, caption ids). The decoder learns language from
     them; a blank grid is what it sees, so it learns too that real images are something else."""

@@ -3,6 +3,7 @@ from real (beam) decoding, atomic resumable checkpoints, optional DDP via torchr
 
     captioner train --data ../shared/data/ucm-captions --out runs/ucm
     torchrun --nproc_per_node=2 -m captioner train --data ... --out ...
+    captioner train --data ... --init runs/ucm/best.pt --scst true --lr 5e-5 --out runs/ucm-scst  (scst.py)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,14 +24,15 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
-from .data import CaptionPairs, Item, TextPairs, cache_features, collate, load_dataset, load_text_only
+from .data import CaptionPairs, ImageViews, Item, TextPairs, cache_features, collate, load_dataset, load_text_only
 from .decoder import Decoder, DecoderConfig, attention_penalty
 from .encoder import Encoder, EncoderConfig, augment_transform, image_transform
 from .errors import CaptionerError
-from .metrics import score_captions
+from .metrics import CiderD, score_captions
 from .model import build_decoder, load_checkpoint, save_checkpoint
+from .scst import scst_epoch
 from .search import SearchConfig, search
-from .vocab import Vocab
+from .vocab import Vocab, tokenize
 
 log = logging.getLogger("captioner")
 
@@ -74,6 +76,10 @@ class TrainConfig:
     cache_dir: str = "cache"  # where encoder features are cached
     num_workers: int = 2  # image-loading processes while caching features
     time_limit_min: float = 0.0  # stop after this many minutes (0: no limit)
+    init: str = ""  # start from this checkpoint: its weights, vocabulary, encoder and decoder settings (the flags for those are not used)
+    scst: bool = False  # self-critical training on sampled captions with a CIDEr-D reward (Rennie et al. 2017), after --init from a teacher-forced model
+    scst_samples: int = 5  # captions sampled per image under --scst; a batch is batch-size // this images
+    scst_bleu: float = 0.0  # under --scst the reward is CIDEr-D + this x sentence BLEU-4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +154,26 @@ def epoch_loader(dataset: CaptionPairs, text_pairs: TextPairs, n_text: int, cfg:
     return DataLoader(epoch_data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, pad))
 
 
+def image_loader(images: ImageViews, cfg: TrainConfig, epoch: int) -> DataLoader:
+    """The batches of one self-critical epoch: every training image once, batch-size // scst-samples images a
+    batch, shuffled and view-drawn by a seed of (cfg.seed, epoch) as epoch_loader does."""
+    sampler = RandomSampler(images, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout
+    images.gen.manual_seed(cfg.seed * 1000 + epoch)
+    return DataLoader(images, batch_size=max(1, cfg.batch_size // cfg.scst_samples), sampler=sampler)
+
+
+def _from_init(cfg: TrainConfig, init: dict[str, Any]) -> TrainConfig:
+    """cfg with the encoder settings of the --init checkpoint (its decoder and vocabulary are used as they are)."""
+    if "encoder" in init:
+        raise CaptionerError(f"--init {cfg.init}: starting from a fine-tuned encoder is not supported")
+    try:
+        enc = init["config"]["encoder"]
+        return replace(cfg, encoder=enc["name"], pretrained=enc["pretrained"], grid=enc["grid"], finetune=0)
+    except (KeyError, TypeError):
+        raise CaptionerError(f"--init {cfg.init}: not a valid captioner checkpoint (no encoder config)") from None
+
+
 def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: torch.optim.Optimizer,
                 criterion: nn.Module, cfg: TrainConfig, pad: int, device: torch.device, desc: str, show: bool,
                 tuned: Sequence[nn.Parameter] = (), head: Callable | None = None,
@@ -192,6 +218,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.jsonl"
     set_seed(cfg.seed)
 
+    if cfg.scst and (distributed or cfg.finetune or cfg.text_ratio):
+        raise CaptionerError("--scst does not go with torchrun, --finetune or --text-ratio yet")
+    if cfg.scst and cfg.scst_samples < 2:
+        raise CaptionerError("--scst-samples must be at least 2 (each sample's baseline is the mean of the others)")
+    init = load_checkpoint(cfg.init) if cfg.init else None
+    if init is not None:
+        cfg = _from_init(cfg, init)
     items = gather_items(cfg.data)
     texts = [t for spec in cfg.data for t in load_text_only(spec)] if cfg.text_ratio else []
     state: dict[str, Any] | None = None
@@ -199,6 +232,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         state = load_checkpoint(last_path)
         vocab = Vocab.from_dict({"itos": state["vocab"]})
         log.info("resuming from %s (epoch %d done)", last_path, state["train_state"]["epoch"])
+    elif init is not None:
+        vocab = Vocab.from_dict({"itos": init["vocab"]})
     else:
         vocab = Vocab.build([*(c for it in items if it.split == "train" for c in it.captions), *texts], cfg.min_count)
 
@@ -216,11 +251,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     val_items = [it for it in items if it.split == "val"]
     train_caps = [[vocab.encode(c, cfg.max_len) for c in it.captions] for it in items if it.split == "train"]
 
-    dcfg = DecoderConfig(len(vocab), encoder.dim, cfg.feat_proj, cfg.embed_dim, cfg.hidden_dim, cfg.attn_dim,
-                         cfg.dropout, cfg.cell, cfg.tie_weights, attributes=_classifier_size(encoder, cfg))
-    decoder = Decoder(dcfg)
-    if dcfg.attributes:
-        decoder.classifier.load_state_dict(encoder.net.classifier.state_dict())
+    if init is not None:
+        decoder, _ = build_decoder(init)
+        dcfg = decoder.cfg
+        if dcfg.feat_dim != encoder.dim:
+            raise CaptionerError(f"--init {cfg.init}: its decoder expects {dcfg.feat_dim}-d features, not {encoder.dim}")
+    else:
+        dcfg = DecoderConfig(len(vocab), encoder.dim, cfg.feat_proj, cfg.embed_dim, cfg.hidden_dim, cfg.attn_dim,
+                             cfg.dropout, cfg.cell, cfg.tie_weights, attributes=_classifier_size(encoder, cfg))
+        decoder = Decoder(dcfg)
+        if dcfg.attributes:
+            decoder.classifier.load_state_dict(encoder.net.classifier.state_dict())
     decoder = decoder.to(device)
     optim = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     encoder.to(device)
@@ -247,6 +288,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         model = nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
 
     dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed)
+    images = ImageViews(train_views, seed=cfg.seed)
+    cider = CiderD([[tokenize(c) for c in it.captions] for it in items if it.split == "train"]) if cfg.scst else None
+    sampling = torch.Generator(device=device)
     text_pairs = TextPairs([vocab.encode(t, cfg.max_len) for t in texts], tuple(train_views[0].shape[1:]))
     n_text = min(len(text_pairs), round(cfg.text_ratio * len(dataset)))
     criterion = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=cfg.label_smoothing)
@@ -257,10 +301,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     started = time.time() - ts["elapsed"]
     head = encoder.head if tuned else None
 
-    for epoch in range(ts["epoch"] + 1, cfg.epochs + 1):
-        loader = epoch_loader(dataset, text_pairs, n_text, cfg, epoch, vocab.pad, rank, world)
-        loss = train_epoch(model, decoder, loader, optim, criterion, cfg, vocab.pad, device, f"epoch {epoch}",
-                           rank == 0, tuned, head, ema)
+    # from --init, "epoch 0" validates the starting weights first: best.pt only changes if training beats them
+    first = 0 if init is not None and state is None else ts["epoch"] + 1
+    for epoch in range(first, cfg.epochs + 1):
+        if epoch == 0:
+            loss = None
+        elif cider is not None:  # self-critical: the epoch's figure is the mean reward, not a loss
+            loader = image_loader(images, cfg, epoch)
+            sampling.manual_seed(cfg.seed * 1000 + epoch)
+            loss = scst_epoch(decoder, loader, optim, cider, vocab, cfg.scst_samples, cfg.max_len, cfg.grad_clip,
+                              device, f"epoch {epoch} (scst)", rank == 0, sampling, ema, bleu_weight=cfg.scst_bleu)
+        else:
+            loader = epoch_loader(dataset, text_pairs, n_text, cfg, epoch, vocab.pad, rank, world)
+            loss = train_epoch(model, decoder, loader, optim, criterion, cfg, vocab.pad, device, f"epoch {epoch}",
+                               rank == 0, tuned, head, ema)
 
         # validation by real decoding (rank 0), shared with every rank
         score = torch.zeros(1)
@@ -280,9 +334,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         else:
             ts["bad_epochs"] += 1
         if rank == 0:
-            record = {"epoch": epoch, "loss": loss, "lr": optim.param_groups[0]["lr"],
+            record = {"epoch": epoch, "reward" if cider is not None else "loss": loss, "lr": optim.param_groups[0]["lr"],
                       "elapsed_s": round(ts["elapsed"], 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
-            log.info("epoch %d loss %.3f val BLEU-4 %.4f CIDEr-D %s lr %.1e%s", epoch, record["loss"], bleu4,
+            log.info("epoch %d %s %s val BLEU-4 %.4f CIDEr-D %s lr %.1e%s", epoch,
+                     "reward" if cider is not None else "loss", "-" if loss is None else f"{loss:.3f}", bleu4,
                      f"{metrics.get('CIDEr-D', float('nan')):.3f}", record["lr"], " *" if improved else "")
             out.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as f:

@@ -211,7 +211,10 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, tiny_model):
     cases = [["caption", str(img), "--model", str(tmp_path / "missing.pt")],
              ["caption", str(img), "--model", str(bad)],
              ["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")],
-             ["train", "--data", str(tmp_path), "--encoder", "nonexistent-net"]]
+             ["train", "--data", str(tmp_path), "--encoder", "nonexistent-net"],
+             ["train", "--data", str(tmp_path), "--init", str(tmp_path / "missing.pt"), "--scst", "true"],
+             ["train", "--data", str(tmp_path), "--init", str(bad)],
+             ["train", "--data", str(tmp_path), "--scst", "true", "--scst-samples", "1"]]
     for args in cases:
         res = subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0, args

@@ -177,3 +177,87 @@ def test_finetune_last_stage_on_cached_trunk_activations(tmp_path):
     small = load_checkpoint(export(best, tmp_path / "small.pt"))
     assert set(small["encoder"]) == set(tuned) and "train_state" not in small
     Captioner.load(tmp_path / "small.pt")
+
+
+def test_sampled_captions_and_their_log_probabilities():
+    """scst.sample: k draws per image from the decoder's own distribution (<pad>/<start>/<unk> never drawn,
+    <end> forced after max_len words); the log-probabilities it returns are those teacher forcing gives the same
+    words, and the mask covers each caption up to and including its first <end>."""
+    from captioner.decoder import Decoder, DecoderConfig
+    from captioner.scst import sample
+    from captioner.vocab import Vocab
+
+    torch.manual_seed(0)
+    vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", *[f"w{i}" for i in range(8)]])
+    dec = Decoder(DecoderConfig(len(vocab), 12, 8, 8, 16, 8, dropout=0.0)).eval()
+    feats = torch.randn(3, 4, 12)
+    words, logp, mask = sample(dec, feats, 4, 5, vocab, torch.Generator().manual_seed(1))
+    again, _, _ = sample(dec, feats, 4, 5, vocab, torch.Generator().manual_seed(1))
+    assert torch.equal(words, again) and words.shape[0] == 12 and words.shape[1] <= 6
+    assert not torch.isin(words, torch.tensor([vocab.pad, vocab.start, vocab.unk])).any()
+    assert len({tuple(r) for r in words.tolist()}) > 1  # draws, not a deterministic decode
+    for row, m in zip(words.tolist(), mask.tolist()):
+        assert vocab.end in row  # every caption ends, by max_len at the latest
+        assert m == [1.0] * (row.index(vocab.end) + 1) + [0.0] * (len(row) - row.index(vocab.end) - 1)
+    caps = torch.cat([torch.full((12, 1), vocab.start), words], 1)
+    logits, _ = dec(feats.repeat_interleave(4, 0), caps)
+    logits[:, :, [vocab.pad, vocab.start, vocab.unk]] = float("-inf")
+    if logits.shape[1] == 6:  # after max_len words only <end> is allowed
+        logits[:, 5] = torch.where(torch.arange(len(vocab)) == vocab.end, 0.0, float("-inf"))
+    expected = torch.log_softmax(logits, -1).gather(2, words.unsqueeze(2)).squeeze(2)
+    assert torch.allclose(logp * mask, expected * mask, atol=1e-5)
+    logp.sum().backward()  # gradients flow to the decoder
+    assert dec.L_o.bias.grad is not None and dec.L_o.bias.grad.abs().sum() > 0
+
+
+def test_self_critical_training_from_init(tmp_path, shapes):
+    """--init + --scst: epoch 0 validates the starting weights (best.pt holds them until beaten), the
+    samples' mean CIDEr-D reward rises, and the decoder, vocabulary and encoder come from the checkpoint."""
+    kw = dict(data=[str(shapes)], cache_dir=str(tmp_path / "cache"), seed=0, **{**SMALL, "beam": 1})
+    xe = train(TrainConfig(out=str(tmp_path / "xe"), epochs=3, patience=50, **kw))
+    start = load_checkpoint(xe)
+    kw.update(hidden_dim=32, encoder="unknown-is-not-used", lr=5e-4)  # the first two come from the checkpoint
+    best = train(TrainConfig(out=str(tmp_path / "scst"), init=str(xe), scst=True, epochs=4, patience=50, **kw))
+    log = [json.loads(line) for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3, 4] and log[0]["reward"] is None
+    assert log[0]["val_BLEU-4"] == pytest.approx(start["config"]["val"]["val_BLEU-4"], abs=1e-4)
+    rewards = [r["reward"] for r in log[1:]]
+    print("rewards", rewards, "val BLEU-4", [r["val_BLEU-4"] for r in log])
+    assert rewards[-1] > rewards[0] + 0.1
+    assert max(r["val_BLEU-4"] for r in log[1:]) > log[0]["val_BLEU-4"]  # held-out captions improve too
+    ckpt = load_checkpoint(best)
+    assert ckpt["vocab"] == start["vocab"] and ckpt["config"]["decoder"] == start["config"]["decoder"]
+    best_epoch = max(log, key=lambda r: r["val_BLEU-4"])["epoch"]
+    assert ckpt["config"]["val"]["epoch"] == best_epoch
+    if best_epoch == 0:
+        assert all(torch.equal(ckpt["decoder"][k], start["decoder"][k]) for k in start["decoder"])
+    Captioner.load(best)
+    # stopped after epoch 2 and resumed: the same samples, rewards and weights as the uninterrupted run
+    part = dict(out=str(tmp_path / "part"), init=str(xe), scst=True, patience=50, **kw)
+    train(TrainConfig(epochs=2, **part))
+    train(TrainConfig(epochs=4, **part), resume=True)
+    a, b = load_checkpoint(tmp_path / "scst" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    assert all(torch.equal(a["decoder"][k], b["decoder"][k]) for k in a["decoder"])
+
+
+def test_rewards_are_cider_d_plus_weighted_bleu():
+    from captioner.metrics import CiderD, coco_bleu
+    from captioner.scst import rewards
+    from captioner.vocab import Vocab, tokenize
+
+    refs = [["a red circle above a blue square", "a blue square below a red circle"],
+            ["a green triangle left of a yellow circle", "a yellow circle right of a green triangle"]]
+    vocab = Vocab.build([c for rs in refs for c in rs])
+    cider = CiderD([[tokenize(c) for c in rs] for rs in refs])
+    caps = ["a red circle above a blue square", "a red circle above a green triangle",  # image 0: right, half right
+            "a green triangle left of a yellow circle", "a red circle above a blue square"]  # image 1: right, wrong
+    ids = [vocab.encode(c)[1:] for c in caps]  # no <start>; words, <end>, then padding
+    words = torch.tensor([row + [vocab.pad] * (9 - len(row)) for row in ids])
+    plain = rewards(words, [0, 1], 2, vocab, cider)
+    assert plain.shape == (2, 2)
+    assert plain[0, 0] > plain[0, 1] > 0 and plain[1, 0] > plain[1, 1]
+    assert plain[0, 1] == pytest.approx(cider.score(tokenize(caps[1]), 0))
+    mixed = rewards(words, [0, 1], 2, vocab, cider, bleu_weight=2.0)
+    bleu = coco_bleu([tokenize(caps[1])], [cider.tokens[0]])[3]
+    assert 0.1 < bleu < 1 and mixed[0, 1] == pytest.approx(plain[0, 1] + 2.0 * bleu)
+    assert mixed[0, 0] == pytest.approx(plain[0, 0] + 2.0)  # a reference itself: BLEU-4 1
