@@ -67,10 +67,10 @@ class TrainConfig:
     grad_clip: float = 5.0  # clip the gradient norm to this
     ema: float = 0.0  # validate and save an exponential moving average of the weights with this decay per step (0: off)
     lr_factor: float = 0.5  # LR decay on a validation BLEU-4 plateau
-    lr_patience: int = 1
+    lr_patience: int = 1  # epochs without a better validation BLEU-4 before the LR decays
     patience: int = 4  # early stopping: epochs without a better validation BLEU-4
     beam: int = 3  # validation decoding
-    length_penalty: float = 0.0
+    length_penalty: float = 0.0  # validation decoding: beam scores divided by length**this
     seed: int = 0  # same seed, same data and settings: same weights
     device: str = "cpu"  # cpu, cuda, cuda:1 (AMP on CUDA)
     cache_dir: str = "cache"  # where encoder features are cached
@@ -174,6 +174,22 @@ def _from_init(cfg: TrainConfig, init: dict[str, Any]) -> TrainConfig:
         raise CaptionerError(f"--init {cfg.init}: not a valid captioner checkpoint (no encoder config)") from None
 
 
+def _new_decoder(cfg: TrainConfig, vocab_size: int, encoder: Encoder, init: dict[str, Any] | None) -> Decoder:
+    """The --init checkpoint's decoder, or a fresh one from cfg (with the encoder's classifier for attributes)."""
+    if init is not None:
+        decoder, _ = build_decoder(init)
+        if decoder.cfg.feat_dim != encoder.dim:
+            raise CaptionerError(f"--init {cfg.init}: its decoder expects {decoder.cfg.feat_dim}-d features, "
+                                 f"not {encoder.dim}")
+        return decoder
+    dcfg = DecoderConfig(vocab_size, encoder.dim, cfg.feat_proj, cfg.embed_dim, cfg.hidden_dim, cfg.attn_dim,
+                         cfg.dropout, cfg.cell, cfg.tie_weights, attributes=_classifier_size(encoder, cfg))
+    decoder = Decoder(dcfg)
+    if dcfg.attributes:
+        decoder.classifier.load_state_dict(encoder.net.classifier.state_dict())
+    return decoder
+
+
 def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: torch.optim.Optimizer,
                 criterion: nn.Module, cfg: TrainConfig, pad: int, device: torch.device, desc: str, show: bool,
                 tuned: Sequence[nn.Parameter] = (), head: Callable | None = None,
@@ -251,18 +267,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     val_items = [it for it in items if it.split == "val"]
     train_caps = [[vocab.encode(c, cfg.max_len) for c in it.captions] for it in items if it.split == "train"]
 
-    if init is not None:
-        decoder, _ = build_decoder(init)
-        dcfg = decoder.cfg
-        if dcfg.feat_dim != encoder.dim:
-            raise CaptionerError(f"--init {cfg.init}: its decoder expects {dcfg.feat_dim}-d features, not {encoder.dim}")
-    else:
-        dcfg = DecoderConfig(len(vocab), encoder.dim, cfg.feat_proj, cfg.embed_dim, cfg.hidden_dim, cfg.attn_dim,
-                             cfg.dropout, cfg.cell, cfg.tie_weights, attributes=_classifier_size(encoder, cfg))
-        decoder = Decoder(dcfg)
-        if dcfg.attributes:
-            decoder.classifier.load_state_dict(encoder.net.classifier.state_dict())
-    decoder = decoder.to(device)
+    decoder = _new_decoder(cfg, len(vocab), encoder, init).to(device)
+    dcfg = decoder.cfg
     optim = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     encoder.to(device)
     tuned = [p for m in encoder.finetune_modules() for p in m.parameters()]
