@@ -224,24 +224,27 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, list[int]]:
         image, caption = self.pairs[idx]
+        return self.view(image), caption
+
+    def view(self, image: int) -> torch.Tensor:
+        """One of the image's cached views, drawn with self.gen."""
         v = int(torch.randint(len(self.views), (1,), generator=self.gen)) if len(self.views) > 1 else 0
-        return self.views[v][image], caption
+        return self.views[v][image]
 
 
 class ImageViews(Dataset):
-    """(image feature row, image index) for every image once; each draw picks a random cached view.
-    Self-critical training samples its own captions, so it iterates over images, not captions."""
+    """(image feature row, image index) for every image of a CaptionPairs once, a view drawn as it draws them
+    (same features in RAM, same generator). Self-critical training samples its own captions, so it iterates
+    over images, not captions."""
 
-    def __init__(self, views: list[np.ndarray], seed: int = 0):
-        self.views = [torch.from_numpy(np.array(v)) for v in views]
-        self.gen = torch.Generator().manual_seed(seed)
+    def __init__(self, pairs: CaptionPairs):
+        self.pairs = pairs
 
     def __len__(self) -> int:
-        return len(self.views[0])
+        return len(self.pairs.views[0])
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
-        v = int(torch.randint(len(self.views), (1,), generator=self.gen)) if len(self.views) > 1 else 0
-        return self.views[v][idx], idx
+        return self.pairs.view(idx), idx
 
 
 class TextPairs(Dataset):

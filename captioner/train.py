@@ -159,7 +159,7 @@ def image_loader(images: ImageViews, cfg: TrainConfig, epoch: int) -> DataLoader
     batch, shuffled and view-drawn by a seed of (cfg.seed, epoch) as epoch_loader does."""
     sampler = RandomSampler(images, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
     torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout
-    images.gen.manual_seed(cfg.seed * 1000 + epoch)
+    images.pairs.gen.manual_seed(cfg.seed * 1000 + epoch)
     return DataLoader(images, batch_size=max(1, cfg.batch_size // cfg.scst_samples), sampler=sampler)
 
 
@@ -294,9 +294,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         model = nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
 
     dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed)
-    images = ImageViews(train_views, seed=cfg.seed)
     cider = CiderD([[tokenize(c) for c in it.captions] for it in items if it.split == "train"]) if cfg.scst else None
-    sampling = torch.Generator(device=device)
+    images, sampling = ImageViews(dataset), torch.Generator(device=device)
     text_pairs = TextPairs([vocab.encode(t, cfg.max_len) for t in texts], tuple(train_views[0].shape[1:]))
     n_text = min(len(text_pairs), round(cfg.text_ratio * len(dataset)))
     criterion = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=cfg.label_smoothing)
@@ -312,7 +311,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     for epoch in range(first, cfg.epochs + 1):
         if epoch == 0:
             loss = None
-        elif cider is not None:  # self-critical: the epoch's figure is the mean reward, not a loss
+        elif cider is not None:
             loader = image_loader(images, cfg, epoch)
             sampling.manual_seed(cfg.seed * 1000 + epoch)
             loss = scst_epoch(decoder, loader, optim, cider, vocab, cfg.scst_samples, cfg.max_len, cfg.grad_clip,
@@ -340,10 +339,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         else:
             ts["bad_epochs"] += 1
         if rank == 0:
-            record = {"epoch": epoch, "reward" if cider is not None else "loss": loss, "lr": optim.param_groups[0]["lr"],
+            figure = "reward" if cider is not None else "loss"  # self-critical epochs report their mean reward
+            record = {"epoch": epoch, figure: loss, "lr": optim.param_groups[0]["lr"],
                       "elapsed_s": round(ts["elapsed"], 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
-            log.info("epoch %d %s %s val BLEU-4 %.4f CIDEr-D %s lr %.1e%s", epoch,
-                     "reward" if cider is not None else "loss", "-" if loss is None else f"{loss:.3f}", bleu4,
+            log.info("epoch %d %s %s val BLEU-4 %.4f CIDEr-D %s lr %.1e%s", epoch, figure,
+                     "-" if loss is None else f"{loss:.3f}", bleu4,
                      f"{metrics.get('CIDEr-D', float('nan')):.3f}", record["lr"], " *" if improved else "")
             out.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as f:
