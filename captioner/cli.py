@@ -93,6 +93,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=Path("cache"))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--meteor", action="store_true", help="also METEOR (pycocoevalcap's jar; needs Java)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="encoder precision: fp32 (default: the same features, so the same scores, on every CPU, "
+                        "as training caches them) or bf16 (what `caption` runs on CPUs with AMX / AVX512-BF16)")
     _add_model_args(p)
     _add_search_args(p)
     p.set_defaults(func=_run_evaluate)
@@ -103,17 +107,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .metrics import format_scores
     from .model import Captioner
 
-    cap = Captioner.load(args.model, args.device)
-    res = evaluate(cap, args.data, args.split, args.output, args.cache_dir, args.workers, **_search_kwargs(args))
+    cap = Captioner.load(args.model, args.device, prepare=False)  # fp32: the features training cached
+    cap.encoder.prepare_inference(cap.device, bf16=args.precision == "bf16")
+    res = evaluate(cap, args.data, args.split, args.output, args.cache_dir, args.workers, meteor=args.meteor,
+                   **_search_kwargs(args))
     report = {"split": res.split, "images": res.images, "beam": cap.search_config(**_search_kwargs(args)).beam,
-              "model": res.scores}
+              "precision": args.precision, "model": res.scores}
     if args.baseline:
         report["nearest_neighbour"] = nearest_neighbour(cap, args.data, args.split, args.cache_dir, args.workers).scores
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{res.split}: {res.images} images, beam {report['beam']}")
+        print(f"{res.split}: {res.images} images, beam {report['beam']}, encoder {args.precision}")
         print("model:            " + format_scores(res.scores))
+        print(f"faults:           {res.scores['repeat_rate']:.1%} of captions repeat a content word, "
+              f"{res.scores['unk_rate']:.1%} contain <unk>")
         if args.baseline:
             print("nearest neighbour: " + format_scores(report["nearest_neighbour"]))
     return 0

@@ -175,8 +175,17 @@ class _ImageFiles(Dataset):
             return self.transform(load_image(self.paths[i]))
 
 
+def file_signature(path: Path) -> list:
+    """What identifies a file's content cheaply: its path, size and modification time (ns), as make and rsync
+    judge staleness. A file re-saved under the same name changes at least its mtime."""
+    st = os.stat(path)
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
 def cache_key(paths: Sequence[Path], encoder_cfg: dict, view: int) -> str:
-    h = hashlib.sha1(json.dumps([encoder_cfg, view, [str(p) for p in paths]]).encode())
+    """Key of one cached feature array: the encoder (config and precision), the view, and every file's
+    path, size and mtime, so a cache built before any file changed is never reused after."""
+    h = hashlib.sha1(json.dumps([encoder_cfg, view, [file_signature(p) for p in paths]]).encode())
     return h.hexdigest()[:16]
 
 
@@ -211,20 +220,25 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
 
 
 class CaptionPairs(Dataset):
-    """(image feature row, caption ids) for every caption of every image; each draw picks a
-    random cached view of the image (views are extra augmented crops/flips)."""
+    """Training items over cached features, each with a random cached view of its image (views are extra
+    augmented crops/flips): per image, (view, all the image's captions) when `per_image` (the decoder then
+    projects each image once for its ~5 captions), else per caption, (view, [caption])."""
 
-    def __init__(self, views: list[np.ndarray], captions: list[list[list[int]]], seed: int = 0):
+    def __init__(self, views: list[np.ndarray], captions: list[list[list[int]]], seed: int = 0,
+                 per_image: bool = True):
         self.views = [torch.from_numpy(np.array(v)) for v in views]  # into RAM (fp16)
+        self.captions, self.per_image = captions, per_image
         self.pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.captions) if self.per_image else len(self.pairs)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, list[int]]:
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, list[list[int]]]:
+        if self.per_image:
+            return self.view(idx), self.captions[idx]
         image, caption = self.pairs[idx]
-        return self.view(image), caption
+        return self.view(image), [caption]
 
     def view(self, image: int) -> torch.Tensor:
         """One of the image's cached views, drawn with self.gen."""
@@ -248,7 +262,7 @@ class ImageViews(Dataset):
 
 
 class TextPairs(Dataset):
-    """Captions without an image: (all-zero feature grid, caption ids). The decoder learns language from
+    """Captions without an image: (all-zero feature grid, [caption ids]). The decoder learns language from
     them; a blank grid is what it sees, so it learns too that real images are something else."""
 
     def __init__(self, captions: list[list[int]], feat_shape: tuple[int, ...]):
@@ -257,14 +271,18 @@ class TextPairs(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, list[int]]:
-        return self.blank, self.captions[idx]
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, list[list[int]]]:
+        return self.blank, [self.captions[idx]]
 
 
-def collate(batch: list[tuple[torch.Tensor, list[int]]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(batch: list[tuple[torch.Tensor, list[list[int]]]], pad: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(feature grid, captions) items -> features (N, L, D) float32, captions (B, T) padded with `pad`, and
+    each caption's image row (B,), for Decoder.forward."""
     feats = torch.stack([f for f, _ in batch]).float()
-    longest = max(len(c) for _, c in batch)
-    caps = torch.full((len(batch), longest), pad, dtype=torch.long)
-    for i, (_, c) in enumerate(batch):
-        caps[i, : len(c)] = torch.tensor(c)
-    return feats, caps
+    caps = [c for _, cs in batch for c in cs]
+    index = torch.tensor([i for i, (_, cs) in enumerate(batch) for _ in cs], dtype=torch.long)
+    out = torch.full((len(caps), max(len(c) for c in caps)), pad, dtype=torch.long)
+    for i, c in enumerate(caps):
+        out[i, : len(c)] = torch.tensor(c)
+    return feats, out, index

@@ -14,7 +14,7 @@ import torch
 from .data import Item, cache_features
 from .encoder import image_transform
 from .errors import CaptionerError
-from .metrics import coco_bleu, score_captions
+from .metrics import caption_faults, coco_bleu, score_captions
 from .model import Captioner
 from .train import gather_items
 from .vocab import tokenize
@@ -41,7 +41,8 @@ def _features(cap: Captioner, items: list[Item], cache_dir: Path, workers: int) 
 
 
 def evaluate(cap: Captioner, specs: Sequence[str], split: str = "test", out: Path | None = None,
-             cache_dir: Path = Path("cache"), workers: int = 2, batch_size: int = 100, **search) -> EvalResult:
+             cache_dir: Path = Path("cache"), workers: int = 2, batch_size: int = 100, meteor: bool = False,
+             **search) -> EvalResult:
     items = split_items(specs, split)
     feats = _features(cap, items, cache_dir, workers)
     cfg = cap.search_config(**search)
@@ -50,7 +51,8 @@ def evaluate(cap: Captioner, specs: Sequence[str], split: str = "test", out: Pat
         caps += cap.caption_features(torch.from_numpy(np.array(feats[i:i + batch_size])).float(), cfg)
     preds = [{"image": str(it.image), "dataset": it.dataset, "caption": c.text, "score": round(c.score, 4),
               "references": it.captions} for it, c in zip(items, caps)]
-    scores = score_captions([c.text for c in caps], [it.captions for it in items])
+    scores = score_captions([c.text for c in caps], [it.captions for it in items], with_meteor=meteor)
+    scores |= caption_faults([c.text for c in caps])
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(p) + "\n" for p in preds))

@@ -10,7 +10,10 @@ models score about 1). Every string is tokenised with `captioner.vocab.tokenize`
   coco's epsilons except where a hypothesis is shorter than k words: nltk counts at
   least one k-gram per sentence (precision denominator max(1, .)), coco counts none.
 * `cider_d` / `rouge_l`: pycocoevalcap's pure-Python scorers (optional dev dependency;
-  None when it is missing). Its Java tools (PTBTokenizer, METEOR, SPICE) are not used.
+  None when it is missing).
+* `meteor`: pycocoevalcap's METEOR 1.5 jar, run on the machine's Java (None without either); used by
+  `captioner evaluate`, not by per-epoch validation (it takes seconds). PTBTokenizer and SPICE are not used.
+* `caption_faults`: how many captions repeat a content word, or contain <unk>.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections import Counter
 from typing import Sequence
 
 from captioner.errors import CaptionerError
-from captioner.vocab import tokenize
+from captioner.vocab import UNK, stopwords, tokenize
 
 Tokens = Sequence[str]
 _SMALL, _TINY = 1e-9, 1e-15  # coco-caption's constants (`small`, `tiny`)
@@ -95,8 +98,42 @@ def rouge_l(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]]) -> float |
     return float(Rouge().compute_score(*_coco_inputs(hyps, refs))[0])
 
 
-def score_captions(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
-    """All metrics for raw caption strings: one hypothesis and >= 1 references per item."""
+def meteor(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]]) -> float | None:
+    """METEOR 1.5 (pycocoevalcap's jar and wrapper, as coco-caption reports it), or None without Java or
+    pycocoevalcap."""
+    import shutil
+
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+    except ImportError:
+        return None
+    if shutil.which("java") is None:
+        return None
+    scorer = Meteor()
+    try:
+        return float(scorer.compute_score(*_coco_inputs(hyps, refs))[0])
+    finally:
+        scorer.meteor_p.stdin.close()
+        scorer.meteor_p.kill()
+        scorer.meteor_p.wait()
+
+
+def repeats_content_word(tokens: Tokens) -> bool:
+    """True if a word that is not a function word appears twice ("a dog with a dog on a dog")."""
+    content = [w for w in tokens if w not in stopwords() and not w.isdigit() and len(w) > 1]
+    return len(content) != len(set(content))
+
+
+def caption_faults(hyps: Sequence[str]) -> dict[str, float]:
+    """Failure rates over captions: the share that repeat a content word, and that contain <unk>."""
+    if not hyps:
+        return {"repeat_rate": 0.0, "unk_rate": 0.0}
+    return {"repeat_rate": sum(repeats_content_word(tokenize(h)) for h in hyps) / len(hyps),
+            "unk_rate": sum(UNK in h.split() for h in hyps) / len(hyps)}
+
+
+def score_captions(hyps: Sequence[str], refs: Sequence[Sequence[str]], with_meteor: bool = False) -> dict[str, float]:
+    """All metrics for raw caption strings: one hypothesis and >= 1 references per item (METEOR if asked)."""
     if len(hyps) != len(refs):
         raise CaptionerError(f"{len(hyps)} captions but {len(refs)} reference sets")
     if not hyps:
@@ -107,7 +144,8 @@ def score_captions(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[s
     tr = [[tokenize(r) for r in rs] for rs in refs]
     scores = {f"BLEU-{k}": s for k, s in enumerate(coco_bleu(th, tr), 1)}
     scores |= {f"nltk-BLEU-{k}": s for k, s in enumerate(nltk_bleu(th, tr), 1)}
-    for name, value in (("CIDEr-D", cider_d(th, tr)), ("ROUGE-L", rouge_l(th, tr))):
+    for name, value in (("CIDEr-D", cider_d(th, tr)), ("ROUGE-L", rouge_l(th, tr)),
+                        ("METEOR", meteor(th, tr) if with_meteor else None)):
         if value is not None:
             scores[name] = value
     return scores
@@ -120,7 +158,7 @@ def format_scores(scores: dict[str, float]) -> str:
     nltk = [f"{scores[f'nltk-BLEU-{k}']:.3f}" for k in range(1, 5) if f"nltk-BLEU-{k}" in scores]
     if nltk:
         notes.append("nltk corpus_bleu: " + "/".join(nltk))
-    notes += [f"{name} {scores[name]:.3f}" for name in ("CIDEr-D", "ROUGE-L") if name in scores]
+    notes += [f"{name} {scores[name]:.3f}" for name in ("METEOR", "CIDEr-D", "ROUGE-L") if name in scores]
     notes.append("scale 0-1" + (", CIDEr-D 0-10" if "CIDEr-D" in scores else ""))
     return f"{bleu} ({'; '.join(notes)})"
 

@@ -60,6 +60,7 @@ class TrainConfig:
     attributes: bool = False  # condition on ImageNet class probabilities (needs a classifier head, grid 7)
     epochs: int = 30  # at most this many epochs
     batch_size: int = 64  # captions per batch (per process under torchrun)
+    per_image: bool = True  # batches of whole images with all their captions (each image projected once), not of single captions
     lr: float = 4e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
     alpha_c: float = 1.0  # doubly stochastic attention regularisation (lambda)
@@ -151,7 +152,8 @@ def epoch_loader(dataset: CaptionPairs, text_pairs: TextPairs, n_text: int, cfg:
         sampler = RandomSampler(epoch_data, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
     torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # dropout
     dataset.gen.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # which cached view each pair uses
-    return DataLoader(epoch_data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=lambda b: collate(b, pad))
+    per_batch = max(1, round(cfg.batch_size * len(dataset) / len(dataset.pairs)))  # items holding ~batch_size captions
+    return DataLoader(epoch_data, batch_size=per_batch, sampler=sampler, collate_fn=lambda b: collate(b, pad))
 
 
 def image_loader(images: ImageViews, cfg: TrainConfig, epoch: int) -> DataLoader:
@@ -202,12 +204,12 @@ def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: t
     model.train()
     total, steps = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show)
-    for feats, caps in bar:
-        feats, caps = feats.to(device), caps.to(device)
+    for feats, caps, index in bar:
+        feats, caps, index = feats.to(device), caps.to(device), index.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if head is not None:
                 feats = head(feats)
-            logits, alphas = model(feats, caps)
+            logits, alphas = model(feats, caps, index, pad)
         target = caps[:, 1:]
         loss = criterion(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
         loss = loss + cfg.alpha_c * attention_penalty(alphas.float(), (target != pad).float())
@@ -254,6 +256,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         vocab = Vocab.build([*(c for it in items if it.split == "train" for c in it.captions), *texts], cfg.min_count)
 
     encoder = Encoder(EncoderConfig(cfg.encoder, cfg.pretrained, cfg.grid, cfg.finetune))
+    if not cfg.finetune:  # BatchNorm folded, fp32 on every CPU: 3x faster caching, same features everywhere
+        encoder.prepare_inference(torch.device(cfg.device), bf16=False)
     if cfg.finetune and distributed:
         raise CaptionerError("--finetune is not supported under torchrun yet (encoder gradients are not synchronised)")
     if rank == 0:  # rank 0 fills the cache, the others then read it
@@ -293,11 +297,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if distributed:
         model = nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed)
+    dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed, per_image=cfg.per_image)
     cider = CiderD([[tokenize(c) for c in it.captions] for it in items if it.split == "train"]) if cfg.scst else None
     images, sampling = ImageViews(dataset), torch.Generator(device=device)
     text_pairs = TextPairs([vocab.encode(t, cfg.max_len) for t in texts], tuple(train_views[0].shape[1:]))
-    n_text = min(len(text_pairs), round(cfg.text_ratio * len(dataset)))
+    n_text = min(len(text_pairs), round(cfg.text_ratio * len(dataset.pairs)))
     criterion = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=cfg.label_smoothing)
     scfg = SearchConfig(beam=cfg.beam, max_len=cfg.max_len, length_penalty=cfg.length_penalty)
     config = {"encoder": encoder.config.to_dict(), "decoder": dcfg.to_dict(), "train": cfg.to_dict(),

@@ -20,8 +20,6 @@ import math
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from importlib import resources
 from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -31,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import CaptionerError
-from .vocab import tokenize
+from .vocab import stopwords, tokenize
 
 SEEK_GAP = 1.5  # seconds: never seek over less than this
 EPS = 1e-6
@@ -203,12 +201,6 @@ def merge_segments(times: Sequence[float], captions: Sequence[str], duration: fl
         caps = [captions[i] for i in g]
         segments.append(Segment(times[g[0]], end, Counter(caps).most_common(1)[0][0], content_words(caps), g))
     return segments
-
-
-@lru_cache(maxsize=1)
-def stopwords() -> frozenset[str]:
-    text = resources.files("captioner").joinpath("assets/stopwords.txt").read_text(encoding="utf-8")
-    return frozenset(w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#"))
 
 
 def content_words(captions: Sequence[str], k: int = 8) -> list[str]:

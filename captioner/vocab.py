@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from typing import Iterable, Sequence
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -17,6 +19,13 @@ def tokenize(text: str) -> list[str]:
     """Lower-case word tokens with punctuation removed (as the Karpathy / coco-caption
     preprocessing does). Pure regex: no nltk data downloads needed."""
     return _TOKEN.findall(text.lower().replace("`", "'"))
+
+
+@lru_cache(maxsize=1)
+def stopwords() -> frozenset[str]:
+    """Function words (assets/stopwords.txt): what a "content word" is not (video tags, repeat statistics)."""
+    text = resources.files("captioner").joinpath("assets/stopwords.txt").read_text(encoding="utf-8")
+    return frozenset(w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#"))
 
 
 @dataclass

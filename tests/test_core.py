@@ -118,6 +118,32 @@ def test_decoder_shapes_and_penalty():
     assert gru(torch.randn(2, 10, 24), caps[:2])[0].shape == (2, 6, 30)
 
 
+def test_teacher_forcing_skips_padding_and_shares_images():
+    """Decoder.forward with captions of different lengths, several per image (image_index), gives the logits
+    and attention of a plain step-by-step loop over each caption alone, and exact zeros past each caption's end;
+    gradients flow only from the real positions."""
+    dec = _decoder(3)
+    feats = torch.randn(2, 10, 24)
+    lengths = [7, 3, 5, 2, 6]  # <start> + words + <end>, padded with 0 to 7
+    index = torch.tensor([0, 0, 1, 1, 0])
+    caps = torch.zeros(5, 7, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        caps[i, :n] = torch.randint(4, 30, (n,))
+    logits, alphas = dec(feats, caps, index, pad=0)
+    assert logits.shape == (5, 6, 30) and alphas.shape == (5, 6, 10)
+    for i, n in enumerate(lengths):
+        a, keys, state = dec.prepare(feats[index[i]].unsqueeze(0))
+        for t in range(n - 1):
+            out, state, alpha = dec.step(caps[i, t].view(1), a, keys, state)
+            assert torch.allclose(logits[i, t], out[0], atol=1e-5)
+            assert torch.allclose(alphas[i, t], alpha[0], atol=1e-6)
+        assert not logits[i, n - 1:].any() and not alphas[i, n - 1:].any()
+    feats.requires_grad_(True)
+    logits, _ = dec(feats, caps[:1, :4], torch.tensor([1]))
+    logits.sum().backward()
+    assert not feats.grad[0].any() and feats.grad[1].abs().sum() > 0  # image 0 has no caption in this batch
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_beam1_equals_greedy(seed):
     dec, feats = _decoder(seed), torch.randn(5, 10, 24)

@@ -118,3 +118,24 @@ def test_cider_d_with_fixed_idf_equals_pycocoevalcap_per_image():
     assert cider.score(refs[0][0], 0) > cider.score(refs[0][0], 2)
     with pytest.raises(CaptionerError):
         CiderD([[["a", "dog"]], []])
+
+
+def test_caption_faults_count_repeated_content_words_and_unk():
+    from captioner.metrics import caption_faults, repeats_content_word
+
+    assert repeats_content_word("a desk with a laptop with a laptop on it".split())
+    assert not repeats_content_word("a man and a woman on a bench in a park".split())  # only function words repeat
+    faults = caption_faults(["a dog on a dog", "a cat on a mat", "a <unk> in the snow", "two men play"])
+    assert faults == {"repeat_rate": 0.25, "unk_rate": 0.25}
+
+
+def test_meteor_runs_on_java_and_orders_captions():
+    import shutil
+
+    from captioner.metrics import meteor
+
+    if shutil.which("java") is None:
+        pytest.skip("no Java here (apt-get install default-jre-headless)")
+    refs = [[tokenize("a brown dog runs on the grass"), tokenize("a dog running in a field")]]
+    good, bad = meteor([tokenize("a dog runs on the grass")], refs), meteor([tokenize("a plate of food")], refs)
+    assert 0 <= bad < good <= 1

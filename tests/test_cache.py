@@ -1,0 +1,74 @@
+"""The feature cache: keyed by each file's content signature (path, size, mtime), so a cache built before a file
+changes is never reused after it; and filled in fp32 on every CPU, so training and evaluation numbers do not move
+with the CPU's vector ISA."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import picture
+
+from captioner import encoder as encoder_module
+from captioner.data import cache_features
+from captioner.encoder import Encoder, EncoderConfig, image_transform
+
+
+@pytest.fixture()
+def pixels():
+    return Encoder(EncoderConfig("pixels", pretrained=False))
+
+
+def _images(folder, n=3):
+    folder.mkdir()
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for i, p in enumerate(paths):
+        picture(i).save(p)
+    return paths
+
+
+def test_a_changed_image_gets_new_features(tmp_path, pixels):
+    paths = _images(tmp_path / "img")
+    cache = tmp_path / "cache"
+    before = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    again = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    assert np.array_equal(before, again) and len(list(cache.glob("*.npy"))) == 1  # reused while unchanged
+
+    picture(7).save(paths[1])  # re-saved in place under the same name
+    after = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    assert len(list(cache.glob("*.npy"))) == 2  # a new cache, the stale one is not read
+    assert np.array_equal(after[0], before[0]) and np.array_equal(after[2], before[2])
+    assert not np.array_equal(after[1], before[1])
+
+
+def test_a_rewrite_of_the_same_size_is_noticed_by_its_mtime(tmp_path, pixels):
+    """A file rewritten with the same size (here: the same bytes) has a new mtime: the cache is rebuilt rather
+    than trusted (a needless re-encode at worst, never stale features)."""
+    paths = _images(tmp_path / "img", n=2)
+    cache = tmp_path / "cache"
+    first = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    data = paths[0].read_bytes()
+    st = os.stat(paths[0])
+    paths[0].write_bytes(data)
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    second = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    assert len(list(cache.glob("*.npy"))) == 2 and np.array_equal(first, second)
+
+
+def test_cached_features_are_fp32_whatever_the_cpu(monkeypatch):
+    """Training and `captioner evaluate` cache features from a BatchNorm-folded fp32 network: the same on a CPU
+    with AMX / AVX512-BF16 as on one without (no bf16 autocast sneaks in); the bf16 inference path is cached apart."""
+    images = torch.stack([image_transform()(picture(i, (256, 256))) for i in range(2)])
+    feats = {}
+    for fast in (False, True):
+        monkeypatch.setattr(encoder_module, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        enc = Encoder(EncoderConfig()).prepare_inference(torch.device("cpu"), bf16=False)
+        assert enc.cache_identity()["prepared"] == "float32"
+        feats[fast] = enc.encode_cached(images)
+    assert feats[False].dtype == torch.float32 and torch.equal(feats[False], feats[True])
+    plain = Encoder(EncoderConfig())(images)[0]
+    assert torch.allclose(feats[False], plain, rtol=1e-3, atol=1e-3)  # folding BN changes only rounding
+    bf16 = Encoder(EncoderConfig()).prepare_inference(torch.device("cpu"), bf16=True)
+    assert bf16.cache_identity() != enc.cache_identity()
