@@ -357,7 +357,9 @@ def table(r: dict, args) -> str:
         v = r[f"video_{every}"]
         rows.append((f"`captioner video` {args.seconds} s 640x360 H.264, --every {every} ({v['frames']} frames, "
                      "decode + caption, beam 3, excl. load)", f"{v['fps']:.1f} frames/s", "", "", v["rss_mib"]))
-    out = ["| measurement | result | goal | met | peak RSS MiB |", "|---|---|---|---|---|"]
+    settings = r.get("settings", {})
+    out = [f"CPU: {settings.get('cpu', '?')}; model: {settings.get('model', 'shipped')}", "",
+           "| measurement | result | goal | met | peak RSS MiB |", "|---|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} | {e if isinstance(e, str) else f'{e:.0f}'} |" for a, b, c, d, e in rows]
     return "\n".join(out)
 
@@ -370,6 +372,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
     p.add_argument("--runs", type=int, default=3, help="runs of each caption stage (median reported; default 3)")
     p.add_argument("--large", type=int, default=1000, help="also caption a folder of this many images (0: skip)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model file to measure (default: the shipped one); every stage gets it as CAPTIONER_MODEL")
     p.add_argument("--no-compiled", dest="compiled", action="store_false",
                    help="skip the `--compile` stages (they build the compiled encoder first: ~20 s, needs g++)")
     for flag, kw in (("--stage", {"choices": STAGES}), ("--input", {}), ("--reps-enc", {"type": int, "default": 10}),
@@ -381,6 +385,8 @@ def main() -> None:
     if args.quick:
         args.images, args.reps_enc, args.reps_lat, args.runs, args.large = min(args.images, 48), 3, 10, 1, 0
     args.seconds = 10 if args.quick else 60
+    if args.model:
+        os.environ["CAPTIONER_MODEL"] = str(args.model.resolve())  # the stage processes inherit it
     (all0, own0), wall0 = cpu_seconds(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="captioner-bench-") as tmp:
         images, large, video = Path(tmp) / "images", Path(tmp) / "large", Path(tmp) / "video.mp4"
@@ -404,7 +410,10 @@ def main() -> None:
             results[f"caption_b{b}"]["process_ips"] = args.images / seconds
     (all1, own1), wall = cpu_seconds(), time.perf_counter() - wall0
     other = max(0.0, (all1 - all0) - (own1 - own0))  # CPU time other processes took while this ran
-    results["settings"] = dict(vars(args), json=str(args.json), cpus=os.cpu_count(), wall_s=wall, other_cpu_s=other)
+    from captioner.cpu import describe
+
+    results["settings"] = dict(vars(args), json=str(args.json), model=str(args.model or "shipped"), cpus=os.cpu_count(),
+                               cpu=describe(), wall_s=wall, other_cpu_s=other)
     print(f"other processes used {other:.1f} CPU-s of {wall * os.cpu_count():.0f} during the run"
           + (": NOT a quiet machine, rerun" if other > 0.05 * wall * os.cpu_count() else ""), file=sys.stderr)
     print(table(results, args))

@@ -1,4 +1,4 @@
-"""`captioner` command line: caption, video, train, evaluate, export.
+"""`captioner` command line: caption, video, cache, train, evaluate, export.
 
 Exit codes: 0 success, 1 error (one line on stderr, no traceback), 2 usage error,
 3 some inputs failed (batch runs), 130 interrupted.
@@ -78,6 +78,47 @@ def _run_train(args: argparse.Namespace) -> int:
     best = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {best}")
+    return 0
+
+
+# --------------------------------------------------------------------------- cache ------
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="encode a dataset's images into the feature cache (the first stage of train)",
+                       description="Fill the feature cache that `captioner train` and `captioner evaluate` read: the "
+                                   "training split's views and the val/test features, fp32 with the encoder's "
+                                   "BatchNorm folded (the same on every CPU). Run it alone so that encoding and "
+                                   "training can happen on different machines or at different thread counts.")
+    p.add_argument("--data", action="append", required=True, metavar="[KIND:]PATH", help="dataset(s), as for train")
+    p.add_argument("--views", type=int, default=1, help="cached views of each training image (default: 1)")
+    p.add_argument("--encoder", default="efficientnet_lite0", help="encoder name, as for train")
+    p.add_argument("--grid", type=int, default=7, choices=(7, 14), help="annotation grid (default: 7)")
+    p.add_argument("--resize", default="crop", choices=("crop", "squash"), help="how images become square (default: crop)")
+    p.add_argument("--cache-dir", default="cache", help="cache folder (default: cache)")
+    p.add_argument("--workers", type=int, default=2, help="image-loading processes (default: 2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, cache_all
+
+    if args.views < 1:
+        raise CaptionerError("--views must be at least 1")
+    cfg = TrainConfig(data=args.data, encoder=args.encoder, grid=args.grid, resize=args.resize, views=args.views,
+                      cache_dir=args.cache_dir, num_workers=args.workers, device=args.device)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # under torchrun every rank encodes its shard of each split (data.cache_features)
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    try:
+        cached = cache_all(cfg)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        for split, arrays in cached.items():
+            print(f"{split}: {len(arrays)} view(s) of {len(arrays[0])} images cached in {args.cache_dir}")
     return 0
 
 
@@ -161,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_caption_parser(sub)
     add_video_parser(sub)
+    _add_cache(sub)
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)

@@ -163,15 +163,18 @@ def _read_dataset(spec: str) -> tuple[list[Item], str]:
 
 # ---------------------------------------------------------------- feature cache --------
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: Callable, seed: int):
-        self.paths, self.transform, self.seed = list(paths), transform, seed
+    """Images `paths`, transformed; item i is global row `offset + i`, whose random view is seeded by that row
+    (so a shard of the list gives the rows the whole list would)."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable, seed: int, offset: int = 0):
+        self.paths, self.transform, self.seed, self.offset = list(paths), transform, seed, offset
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):  # reproducible views; the caller's RNG is left alone
-            torch.manual_seed(self.seed * 1_000_003 + i)
+            torch.manual_seed(self.seed * 1_000_003 + self.offset + i)
             return self.transform(load_image(self.paths[i]))
 
 
@@ -190,18 +193,54 @@ def cache_key(paths: Sequence[Path], encoder_cfg: dict, view: int) -> str:
 
 
 def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_dir: Path, view: int = 0,
-                   batch_size: int = 32, num_workers: int = 2, device: str = "cpu") -> np.ndarray:
-    """Encode every image once and store (N, L, D) fp16 features as a .npy (written to a
-    temporary name, renamed when complete). Returns the array memory-mapped read-only."""
+                   batch_size: int = 32, num_workers: int = 2, device: str = "cpu", rank: int = 0,
+                   world: int = 1) -> np.ndarray:
+    """Encode every image once and store (N, L, D) fp16 features as a .npy. Returns it memory-mapped read-only.
+
+    Each file is written under a temporary name and renamed when complete. Under torchrun (world > 1, process
+    group initialised) rank r encodes the r-th contiguous shard into its own file, kept if the job is restarted;
+    rank 0 then concatenates the shards into the same file one process would have written."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"feats-{cache_key(paths, encoder.cache_identity(), view)}.npy"
+    key = cache_key(paths, encoder.cache_identity(), view)
+    target = cache_dir / f"feats-{key}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
+    if world == 1:
+        _encode(paths, 0, encoder, transform, target, view, batch_size, num_workers, device)
+        return np.load(target, mmap_mode="r")
+    import torch.distributed as dist
+
+    bounds = [len(paths) * r // world for r in range(world + 1)]
+    shards = [cache_dir / f"feats-{key}.shard{r}of{world}.npy" for r in range(world)]
+    if not shards[rank].is_file() and bounds[rank] < bounds[rank + 1]:
+        _encode(paths[bounds[rank]:bounds[rank + 1]], bounds[rank], encoder, transform, shards[rank], view,
+                batch_size, num_workers, device)
+    dist.barrier()
+    if rank == 0 and not target.is_file():
+        parts = [np.load(s, mmap_mode="r") for s, lo, hi in zip(shards, bounds, bounds[1:]) if lo < hi]
+        tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *parts[0].shape[1:]))
+        row = 0
+        for part in parts:
+            out[row:row + len(part)] = part
+            row += len(part)
+        out.flush()
+        del out, parts
+        os.replace(tmp, target)
+        for s in shards:
+            s.unlink(missing_ok=True)
+    dist.barrier()
+    return np.load(target, mmap_mode="r")
+
+
+def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, target: Path, view: int,
+            batch_size: int, num_workers: int, device: str) -> None:
+    """Encode `paths` (global rows offset...) into the .npy `target`: a temporary file, renamed when complete."""
     from tqdm import tqdm
 
-    loader = DataLoader(_ImageFiles(paths, transform, seed=view), batch_size=batch_size, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(view))  # draws nothing from the global RNG
+    loader = DataLoader(_ImageFiles(paths, transform, seed=view, offset=offset), batch_size=batch_size,
+                        num_workers=num_workers, generator=torch.Generator().manual_seed(view))  # no global RNG draws
     tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
     out = None
     row = 0
@@ -216,7 +255,6 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
     out.flush()
     del out
     os.replace(tmp, target)
-    return np.load(target, mmap_mode="r")
 
 
 class CaptionPairs(Dataset):
@@ -225,8 +263,10 @@ class CaptionPairs(Dataset):
     projects each image once for its ~5 captions), else per caption, (view, [caption])."""
 
     def __init__(self, views: list[np.ndarray], captions: list[list[list[int]]], seed: int = 0,
-                 per_image: bool = True):
-        self.views = [torch.from_numpy(np.array(v)) for v in views]  # into RAM (fp16)
+                 per_image: bool = True, in_ram: bool = True):
+        # in RAM: one copy of every view (fp16); else each row is read from the memory-mapped cache when drawn
+        # (the page cache keeps what fits, shared between processes). The same draws either way: same batches.
+        self.views = [torch.from_numpy(np.array(v)) for v in views] if in_ram else list(views)
         self.captions, self.per_image = captions, per_image
         self.pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
         self.gen = torch.Generator().manual_seed(seed)
@@ -243,7 +283,8 @@ class CaptionPairs(Dataset):
     def view(self, image: int) -> torch.Tensor:
         """One of the image's cached views, drawn with self.gen."""
         v = int(torch.randint(len(self.views), (1,), generator=self.gen)) if len(self.views) > 1 else 0
-        return self.views[v][image]
+        row = self.views[v][image]
+        return row if isinstance(row, torch.Tensor) else torch.from_numpy(np.array(row))
 
 
 class ImageViews(Dataset):

@@ -34,6 +34,7 @@ TORCHVISION = {  # encoder name -> (builder, weights enum, feature module path, 
     "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights", 224, 256),
     "mobilenet_v3_large": ("mobilenet_v3_large", "MobileNet_V3_Large_Weights", 224, 232),
 }
+RESIZE = ("crop", "squash")  # how an image becomes the encoder's square input (EncoderConfig.resize)
 PIXELS = "pixels"  # no CNN: 7x7 grid of raw 8x8 RGB patches (tests, synthetic data)
 ENCODERS = tuple(LITE_PACKAGES) + tuple(TORCHVISION) + (PIXELS,)
 _BLOCK_RENAMES_FIRST = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
@@ -49,6 +50,7 @@ class EncoderConfig:
     pretrained: bool = True  # False: random weights (tests, synthetic data)
     grid: int = 7  # 7: last feature map (stride 32); 14: stride-16 stage (fewer channels)
     finetune: int = 0  # EfficientNet-Lite: train the last N stages (+ head conv); 0 = frozen
+    resize: str = "crop"  # crop: short side to crop/0.875 then centre crop; squash: whole image to crop x crop
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +124,8 @@ class Encoder(nn.Module):
         super().__init__()
         if config.name not in ENCODERS:
             raise CaptionerError(f"unknown encoder {config.name!r}; choose one of: {', '.join(ENCODERS)}")
+        if config.resize not in RESIZE:
+            raise CaptionerError(f"resize must be one of {', '.join(RESIZE)}, not {config.resize!r}")
         if config.grid not in (7, 14):
             raise CaptionerError(f"encoder grid must be 7 or 14, not {config.grid}")
         self.config = config
@@ -266,37 +270,37 @@ class Encoder(nn.Module):
 
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AMX or AVX512-BF16, where bf16 autocast is 2-3x faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    from .cpu import has_fast_bf16
+
+    return has_fast_bf16()
 
 
-def image_transform(name: str = "efficientnet_lite0") -> T.Compose:
-    """Resize the short side (bicubic), centre-crop, scale. lite*: mean = std = 0.5."""
+def image_transform(name: str = "efficientnet_lite0", resize: str = "crop") -> T.Compose:
+    """Resize the short side (bicubic) and centre-crop, or (squash) resize the whole image to the square crop
+    size, ignoring its aspect ratio; then scale. lite*: mean = std = 0.5."""
     if name == PIXELS:
-        return T.Compose([T.ToImage(), T.Resize((56, 56), antialias=True), T.ToDtype(torch.float32, scale=True),
-                          T.Normalize((0.5,) * 3, (0.5,) * 3)])
+        return T.Compose([T.ToImage(), T.Resize((56, 56), antialias=True), T.CenterCrop(56),  # (no-op crop: views)
+                          T.ToDtype(torch.float32, scale=True), T.Normalize((0.5,) * 3, (0.5,) * 3)])
     if name in LITE_PACKAGES:
         crop = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}[name]
-        resize, mean, std = int(crop / 0.875), (0.5,) * 3, (0.5,) * 3
+        resize_to, mean, std = int(crop / 0.875), (0.5,) * 3, (0.5,) * 3
     else:
-        _, _, crop, resize = TORCHVISION[name]
+        _, _, crop, resize_to = TORCHVISION[name]
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    size = (crop, crop) if resize == "squash" else int(resize_to)
     return T.Compose([
         T.ToImage(),
-        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.CenterCrop(crop),
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.CenterCrop(crop),  # a no-op after squashing
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean, std),
     ])
 
 
-def augment_transform(name: str, view: int) -> T.Compose:
-    """View 0 is the plain centre crop; view 1 its mirror; views >= 2 random crops (+ flips),
+def augment_transform(name: str, view: int, resize: str = "crop") -> T.Compose:
+    """View 0 is the plain input (image_transform); view 1 its mirror; views >= 2 random crops (+ flips),
     seeded by the caller, used to cache several augmented feature sets per image."""
-    base = image_transform(name)
+    base = image_transform(name, resize)
     if view == 0:
         return base
     resize_op, crop_op = base.transforms[1], base.transforms[2]

@@ -36,7 +36,7 @@ def split_items(specs: Sequence[str], split: str) -> list[Item]:
 
 
 def _features(cap: Captioner, items: list[Item], cache_dir: Path, workers: int) -> np.ndarray:
-    return cache_features([it.image for it in items], cap.encoder, image_transform(cap.encoder.config.name),
+    return cache_features([it.image for it in items], cap.encoder, image_transform(cap.encoder.config.name, cap.encoder.config.resize),
                           cache_dir, num_workers=workers, device=str(cap.device))
 
 

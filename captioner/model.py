@@ -33,7 +33,8 @@ ENCODE_CHUNK = 8  # images per encoder forward on CPU
 
 
 def default_model_path() -> Path:
-    return Path(str(resources.files("captioner") / "assets" / "model.pt"))
+    """The model used when none is named: $CAPTIONER_MODEL if set, else the one shipped in the package."""
+    return Path(os.environ.get("CAPTIONER_MODEL") or str(resources.files("captioner") / "assets" / "model.pt"))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -130,12 +131,14 @@ class Captioner:
         self._warm = False
         self.compiled = None  # a CompiledEncoder once compile_encoder() ran
         self.vocab, self.search_cfg, self.config = vocab, search_cfg, config or {}
-        self.transform = image_transform(encoder.config.name)
+        self.transform = image_transform(encoder.config.name, encoder.config.resize)
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str = "cpu", prepare: bool = True) -> "Captioner":
         path = Path(path) if path else default_model_path()
         if path == default_model_path() and not path.is_file():
+            if os.environ.get("CAPTIONER_MODEL"):
+                raise CaptionerError(f"CAPTIONER_MODEL names a model file that does not exist: {path}")
             raise CaptionerError(f"the default model is missing from the package ({path}); reinstall, or pass --model")
         ckpt = load_checkpoint(path)
         try:

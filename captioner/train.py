@@ -26,7 +26,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 from .data import CaptionPairs, ImageViews, Item, TextPairs, cache_features, collate, load_dataset, load_text_only
 from .decoder import Decoder, DecoderConfig, attention_penalty
-from .encoder import Encoder, EncoderConfig, augment_transform, image_transform
+from .encoder import Encoder, EncoderConfig, augment_transform
 from .errors import CaptionerError
 from .metrics import CiderD, score_captions
 from .model import build_decoder, load_checkpoint, save_checkpoint
@@ -44,6 +44,7 @@ class TrainConfig:
     encoder: str = "efficientnet_lite0"  # efficientnet_lite0/1/2 (offline) or a torchvision backbone
     pretrained: bool = True  # ImageNet weights for the encoder
     grid: int = 7  # annotation grid: 7 (7x7 from the last stage) or 14 (stride-16 stage)
+    resize: str = "crop"  # how images become the square input, in training and in every later use of the model: crop (short side, centre crop) or squash (whole image, aspect ignored)
     finetune: int = 0  # fine-tune the encoder's last N stages on cached trunk activations (0: frozen)
     finetune_lr: float = 0.1  # encoder LR = lr * finetune_lr
     views: int = 1  # cached feature sets per training image: centre crop, mirror, random crops
@@ -61,6 +62,7 @@ class TrainConfig:
     epochs: int = 30  # at most this many epochs
     batch_size: int = 64  # captions per batch (per process under torchrun)
     per_image: bool = True  # batches of whole images with all their captions (each image projected once), not of single captions
+    ram_gb: float = 4.0  # copy the cached training views into RAM if they total at most this many GB; else read them from the memory-mapped cache per batch (same batches either way)
     lr: float = 4e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
     alpha_c: float = 1.0  # doubly stochastic attention regularisation (lambda)
@@ -76,6 +78,7 @@ class TrainConfig:
     device: str = "cpu"  # cpu, cuda, cuda:1 (AMP on CUDA)
     cache_dir: str = "cache"  # where encoder features are cached
     num_workers: int = 2  # image-loading processes while caching features
+    threads: int = 0  # torch threads (0: torch's default, one per core); a run is bit-reproducible at the same count
     time_limit_min: float = 0.0  # stop after this many minutes (0: no limit)
     init: str = ""  # start from this checkpoint: its weights, vocabulary, encoder and decoder settings (the flags for those are not used)
     scst: bool = False  # self-critical training on sampled captions with a CIDEr-D reward (Rennie et al. 2017), after --init from a teacher-forced model
@@ -107,10 +110,33 @@ def gather_items(specs: Sequence[str]) -> list[Item]:
 
 
 def split_features(items: list[Item], split: str, encoder: Encoder, cfg: TrainConfig, views: int = 1) -> list[np.ndarray]:
+    """The split's cached views (encoded first where missing; under torchrun each rank encodes a shard)."""
     paths = [it.image for it in items if it.split == split]
-    return [cache_features(paths, encoder, augment_transform(cfg.encoder, v) if v else image_transform(cfg.encoder),
-                           Path(cfg.cache_dir), view=v, num_workers=cfg.num_workers, device=cfg.device)
+    rank, world = _dist()
+    return [cache_features(paths, encoder, augment_transform(cfg.encoder, v, cfg.resize),
+                           Path(cfg.cache_dir), view=v, num_workers=cfg.num_workers, device=cfg.device,
+                           rank=rank, world=world)
             for v in range(views)]
+
+
+def caching_encoder(cfg: TrainConfig) -> Encoder:
+    """The encoder that fills the training caches: BatchNorm folded and fp32 on every CPU (3x faster caching than
+    the unfolded network, and the same features whatever the ISA); fine-tuning caches the unfolded trunk."""
+    encoder = Encoder(EncoderConfig(cfg.encoder, cfg.pretrained, cfg.grid, cfg.finetune, cfg.resize))
+    if not cfg.finetune:
+        encoder.prepare_inference(torch.device(cfg.device), bf16=False)
+    return encoder
+
+
+def cache_all(cfg: TrainConfig, items: list[Item] | None = None, encoder: Encoder | None = None
+              ) -> dict[str, list[np.ndarray]]:
+    """Every cache train() and evaluate read: cfg.views views of the training split, one of val and test."""
+    items = items if items is not None else gather_items(cfg.data)
+    encoder = encoder or caching_encoder(cfg)
+    out = {"train": split_features(items, "train", encoder, cfg, cfg.views), "val": split_features(items, "val", encoder, cfg)}
+    if any(it.split == "test" for it in items):
+        out["test"] = split_features(items, "test", encoder, cfg)
+    return out
 
 
 @torch.no_grad()
@@ -171,7 +197,8 @@ def _from_init(cfg: TrainConfig, init: dict[str, Any]) -> TrainConfig:
         raise CaptionerError(f"--init {cfg.init}: starting from a fine-tuned encoder is not supported")
     try:
         enc = init["config"]["encoder"]
-        return replace(cfg, encoder=enc["name"], pretrained=enc["pretrained"], grid=enc["grid"], finetune=0)
+        return replace(cfg, encoder=enc["name"], pretrained=enc["pretrained"], grid=enc["grid"], finetune=0,
+                       resize=enc.get("resize", "crop"))
     except (KeyError, TypeError):
         raise CaptionerError(f"--init {cfg.init}: not a valid captioner checkpoint (no encoder config)") from None
 
@@ -249,25 +276,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
         vocab = Vocab.from_dict({"itos": state["vocab"]})
-        log.info("resuming from %s (epoch %d done)", last_path, state["train_state"]["epoch"])
+        done = state["train_state"]
+        log.info("resuming from %s (epoch %d done)", last_path, done["epoch"])
+        if done["epoch"] >= cfg.epochs or done["bad_epochs"] >= cfg.patience:  # finished: nothing to redo
+            log.info("%s already finished (best validation BLEU-4 %.4f at epoch %d)", out, done["best"], done["best_epoch"])
+            return best_path
     elif init is not None:
         vocab = Vocab.from_dict({"itos": init["vocab"]})
     else:
         vocab = Vocab.build([*(c for it in items if it.split == "train" for c in it.captions), *texts], cfg.min_count)
 
-    encoder = Encoder(EncoderConfig(cfg.encoder, cfg.pretrained, cfg.grid, cfg.finetune))
-    if not cfg.finetune:  # BatchNorm folded, fp32 on every CPU: 3x faster caching, same features everywhere
-        encoder.prepare_inference(torch.device(cfg.device), bf16=False)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    encoder = caching_encoder(cfg)
     if cfg.finetune and distributed:
         raise CaptionerError("--finetune is not supported under torchrun yet (encoder gradients are not synchronised)")
-    if rank == 0:  # rank 0 fills the cache, the others then read it
-        train_views = split_features(items, "train", encoder, cfg, cfg.views)
-        val_feats = split_features(items, "val", encoder, cfg)[0]
-    if distributed:
-        dist.barrier()
-    if rank != 0:
-        train_views = split_features(items, "train", encoder, cfg, cfg.views)
-        val_feats = split_features(items, "val", encoder, cfg)[0]
+    train_views = split_features(items, "train", encoder, cfg, cfg.views)  # under torchrun: a shard per rank
+    val_feats = split_features(items, "val", encoder, cfg)[0]
     val_items = [it for it in items if it.split == "val"]
     train_caps = [[vocab.encode(c, cfg.max_len) for c in it.captions] for it in items if it.split == "train"]
 
@@ -297,7 +322,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if distributed:
         model = nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed, per_image=cfg.per_image)
+    view_gb = sum(v.nbytes for v in train_views) / 2**30
+    log.info("training views: %.1f GB, %s", view_gb, "in RAM" if view_gb <= cfg.ram_gb else "read from the cache files")
+    dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed, per_image=cfg.per_image, in_ram=view_gb <= cfg.ram_gb)
     cider = CiderD([[tokenize(c) for c in it.captions] for it in items if it.split == "train"]) if cfg.scst else None
     images, sampling = ImageViews(dataset), torch.Generator(device=device)
     text_pairs = TextPairs([vocab.encode(t, cfg.max_len) for t in texts], tuple(train_views[0].shape[1:]))

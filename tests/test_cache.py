@@ -72,3 +72,28 @@ def test_cached_features_are_fp32_whatever_the_cpu(monkeypatch):
     assert torch.allclose(feats[False], plain, rtol=1e-3, atol=1e-3)  # folding BN changes only rounding
     bf16 = Encoder(EncoderConfig()).prepare_inference(torch.device("cpu"), bf16=True)
     assert bf16.cache_identity() != enc.cache_identity()
+
+
+def test_torchrun_shards_the_cache_and_merges_it_into_the_single_process_file(tmp_path):
+    """`captioner cache` under torchrun (2 processes, gloo): each rank encodes its shard (seeded random views
+    included), rank 0 merges them into the same file, bit for bit, as one process writes; no shards are left."""
+    import subprocess
+    import sys
+
+    from synth import make_dataset
+
+    data = make_dataset(tmp_path / "shapes", n_train=37, n_val=9, n_test=5)
+    args = ["-m", "captioner", "-q", "cache", "--data", str(data), "--encoder", "pixels", "--views", "3", "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--cache-dir", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *args, "--cache-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert two.returncode == 0, two.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(files) == 3 + 1 + 1  # train views, val, test
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files  # same keys, no shard or temporary left
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

@@ -59,6 +59,28 @@ def test_same_seed_same_weights(tmp_path, shapes):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_streamed_views_train_the_same_weights_as_views_in_ram(tmp_path, shapes):
+    """--ram-gb 0 reads each drawn view from the memory-mapped cache instead of a RAM copy: same batches, same
+    view draws, bit-identical weights (2 epochs, 2 views, per-image and per-caption batches)."""
+    for per_image in (True, False):
+        runs = []
+        for ram_gb in (4.0, 0.0):
+            best = train(TrainConfig(data=[str(shapes)], out=str(tmp_path / f"{per_image}-{ram_gb}"),
+                                     cache_dir=str(tmp_path / "cache"), epochs=2, patience=9, seed=5, views=2,
+                                     per_image=per_image, ram_gb=ram_gb, **SMALL))
+            runs.append(load_checkpoint(best.parent / "last.pt")["decoder"])
+        assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_finished_run_resumes_as_done(tmp_path, shapes):
+    """`make model` reruns `train --resume`: a run that already finished returns its best.pt untouched."""
+    kw = dict(data=[str(shapes)], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), epochs=1, **SMALL)
+    best = train(TrainConfig(**kw))
+    stamp = best.stat().st_mtime_ns, (best.parent / "last.pt").stat().st_mtime_ns
+    assert train(TrainConfig(**kw), resume=True) == best
+    assert (best.stat().st_mtime_ns, (best.parent / "last.pt").stat().st_mtime_ns) == stamp
+
+
 def test_ema_weights_are_validated_saved_and_resumed_exactly(tmp_path, shapes):
     """--ema: best.pt holds the averaged weights (not the raw ones), and a run stopped after epoch 1 and
     resumed ends with the same averaged and raw weights as an uninterrupted run."""
