@@ -407,8 +407,9 @@ def run_caption(args: argparse.Namespace) -> int:
     alternatives = cap.search_config(**_search_kwargs(args), topk=args.topk).topk > 1
     stamps = metadata.stamps(paths[rank::world]) if tagging or fmt == "sqlite" else {}
     with contextlib.ExitStack() as stack:
+        note = partial(tqdm.write, file=sys.stderr)  # around the progress bar
         tagger = stack.enter_context(metadata.MetadataWriter(tagging, cap.model_id, stamps, exiftool,
-                                                             notes=tqdm.write)) if tagging else None
+                                                             notes=note)) if tagging else None
         tag = tagger or (lambda rows: None)
         if args.output is None:
             done = tagger.done(paths) if args.resume else set()

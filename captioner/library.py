@@ -161,10 +161,14 @@ class LibraryWriter:
 
 # ------------------------------------------------------------------------- search ------
 def match_expression(query: str) -> str:
-    """The words of a plain-text query as an FTS5 expression: each word quoted (no operator syntax), any word
-    may match (OR); BM25 ranks photos matching more, and rarer, words first. '' when it has no words."""
-    words = re.findall(r"\w+", query.lower())
-    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+    """The words of a plain-text query as an FTS5 expression: each word quoted (no operator syntax), function
+    words ("on", "the": assets/stopwords.txt) left out unless there is nothing else, any word may match (OR);
+    BM25 ranks photos matching more, and rarer, words first. '' when the query has no words."""
+    from .vocab import stopwords
+
+    words = list(dict.fromkeys(re.findall(r"\w+", query.lower())))
+    content = [w for w in words if w not in stopwords()] or words
+    return " OR ".join(f'"{w}"' for w in content)
 
 
 def search(path: Path, query: str, limit: int = 20) -> list[Row]:

@@ -263,7 +263,7 @@ class MetadataWriter:
         st = _stat(path)
         if not _same(st, self.stamps.get(str(path))):
             return "changed during the run: metadata not written (run again to caption it anew)"
-        file_type = "XMP" if self.opts.sidecar else str(tags.get("File:FileType", "?"))
+        file_type = "XMP" if self.opts.sidecar else str(tags.get("File:FileType", "?")).removeprefix("Extended ")
         if file_type not in EMBED | {"XMP"}:
             return f"{file_type} files cannot hold this metadata: not written (--sidecar writes NAME.xmp instead)"
         existing = car if car is not None else tags  # a sidecar speaks for its image
