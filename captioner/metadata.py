@@ -342,8 +342,8 @@ def add_metadata_args(p: argparse.ArgumentParser) -> None:
                         "each file is replaced atomically. With --resume (and no -o), files that already carry "
                         "captioner's description are skipped")
     g.add_argument("--sidecar", action="store_true",
-                   help="write NAME.xmp sidecar files beside the images instead (e.g. photo.jpg.xmp; any format, "
-                        "RAW included); the images themselves are never written")
+                   help="write NAME.xmp sidecar files beside the images instead (photo.jpg.xmp; any format, BMP "
+                        "too; an existing sidecar is edited); the images themselves are never written")
     g.add_argument("--overwrite-metadata", action="store_true",
                    help="replace existing descriptions that captioner did not write (default: keep them and "
                         "say so on stderr)")
