@@ -60,11 +60,23 @@ def find_exiftool() -> str:
     return exe
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when captioner dies, even by SIGKILL. A `-stay_open` exiftool
-    otherwise keeps polling its closed stdin forever."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _death_signal() -> Any:
+    """For the child between fork and exec (Linux): SIGTERM when captioner dies, even by SIGKILL; a `-stay_open`
+    exiftool otherwise keeps polling its closed stdin forever. prctl is looked up here, in the parent: the
+    child only makes the system call (no dynamic loading after fork, which could deadlock on a lock held by
+    one of torch's threads)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _line_break(path: Path) -> bool:
+    """exiftool reads its arguments one per line: such a name cannot be passed."""
+    return "\n" in str(path) or "\r" in str(path)
 
 
 class ExifTool:
@@ -74,7 +86,7 @@ class ExifTool:
         try:
             self.proc = subprocess.Popen([exe, "-config", str(CONFIG), "-stay_open", "True", "-@", "-"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                         preexec_fn=_death_signal())
         except OSError as exc:
             raise CaptionerError(f"cannot start exiftool ({exe}): {exc.strerror or exc}") from None
         self.count = 0
@@ -114,7 +126,7 @@ class ExifTool:
         """The description-related tags of each readable file (missing from the result: unreadable)."""
         found: dict[Path, Tags] = {}
         for start in range(0, len(paths), READ_CHUNK):
-            chunk = {os.path.abspath(p): p for p in paths[start:start + READ_CHUNK]}
+            chunk = {os.path.abspath(p): p for p in paths[start:start + READ_CHUNK] if not _line_break(p)}
             out, _ = self.run(["-json", "-G1", *READ_TAGS, *chunk])
             for entry in json.loads(out or "[]"):
                 if entry.get("SourceFile") in chunk:
@@ -256,13 +268,12 @@ class MetadataWriter:
 
     def _one(self, path: Path, caption: str, tags: Tags | None, car: Tags | None) -> str:
         """Write (or plan) one file; returns its error ("" when written or deliberately kept)."""
+        if not _same(_stat(path), self.stamps.get(str(path))):
+            return "changed during the run: metadata not written (run again to caption it anew)"
+        if _line_break(path):
+            return "file name contains a line break: metadata not written"
         if tags is None:
             return "exiftool cannot read this file: metadata not written"
-        if "\n" in str(path) or "\r" in str(path):
-            return "file name contains a line break: metadata not written"
-        st = _stat(path)
-        if not _same(st, self.stamps.get(str(path))):
-            return "changed during the run: metadata not written (run again to caption it anew)"
         file_type = "XMP" if self.opts.sidecar else str(tags.get("File:FileType", "?")).removeprefix("Extended ")
         if file_type not in EMBED | {"XMP"}:
             return f"{file_type} files cannot hold this metadata: not written (--sidecar writes NAME.xmp instead)"
