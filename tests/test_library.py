@@ -164,3 +164,14 @@ def test_without_fts5_one_clear_error(made_library, monkeypatch, capsys):
     assert run("search", made_library, "dog") == 1
     err = capsys.readouterr().err
     assert "FTS5" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_every_flag_of_caption_and_search_has_help():
+    import argparse
+
+    from captioner.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("caption", "search"):
+        for action in sub.choices[command]._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (command, action.dest)
