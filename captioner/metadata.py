@@ -4,9 +4,9 @@ XMP sidecar (NAME.xmp beside the image), through exiftool (Debian: libimage-exif
 
 Written: XMP dc:description and Iptc4xmpCore:AltTextAccessibility (language x-default; other languages are
 kept), EXIF ImageDescription in JPEG and TIFF, IPTC Caption-Abstract where the file already has one, and the
-`captioner` XMP namespace (assets/exiftool.config): Caption (the text written), MachineGenerated, Model,
-Software, Date. A description that captioner did not write (no `captioner:Caption` equal to it) is a
-person's and is kept unless `overwrite`.
+`captioner` XMP namespace (assets/exiftool.config): Caption (the text written), MachineGenerated,
+CaptionModel, CaptionSoftware, CaptionDate. A description that captioner did not write (no
+`captioner:Caption` equal to it) is a person's and is kept unless `overwrite`.
 
 Each file is written atomically: exiftool writes a new copy (`-o`) in the same folder, which gets the
 original's permissions, owner and times, is synced, and is renamed over the original (os.replace): a file is
@@ -173,8 +173,8 @@ def assignments(caption: str, model: str, file_type: str, iptc: bool) -> list[st
     now = datetime.now(timezone.utc).strftime("%Y:%m:%d %H:%M:%S+00:00")
     args = [f"-XMP-dc:Description-x-default={caption}", f"-XMP-iptcCore:AltTextAccessibility-x-default={caption}",
             f"-XMP-captioner:Caption={caption}", "-XMP-captioner:MachineGenerated=True",
-            f"-XMP-captioner:Model={model}", f"-XMP-captioner:Software=captioner {__version__}",
-            f"-XMP-captioner:Date={now}"]
+            f"-XMP-captioner:CaptionModel={model}", f"-XMP-captioner:CaptionSoftware=captioner {__version__}",
+            f"-XMP-captioner:CaptionDate={now}"]
     if file_type in WITH_EXIF:
         args.append(f"-IFD0:ImageDescription={caption}")
     if iptc:  # an existing IPTC-IIM caption would otherwise still show the old text in some tools

@@ -143,7 +143,8 @@ def test_write_metadata_every_format(photos, tiny_model, tmp_path, capsys):
         assert found["XMP-dc:Description"] == caption
         assert found["XMP-iptcCore:AltTextAccessibility"] == caption
         assert found["XMP-captioner:Caption"] == caption and found["XMP-captioner:MachineGenerated"] is True
-        assert found["XMP-captioner:Model"] == model and found["XMP-captioner:Software"].startswith("captioner ")
+        assert found["XMP-captioner:CaptionModel"] == model
+        assert found["XMP-captioner:CaptionSoftware"].startswith("captioner ") and found["XMP-captioner:CaptionDate"]
         assert found.get("IFD0:ImageDescription") == (caption if FORMATS[name] in ("JPEG", "TIFF") else None)
         for key in KEPT:  # camera, GPS, keywords: as before (absent stays absent)
             assert found.get(key) == old_tags.get(key), (name, key)
