@@ -1,4 +1,5 @@
-"""`captioner caption PATH...`: caption many images in batches, to stdout, CSV or JSONL.
+"""`captioner caption PATH...`: caption many images in batches, to stdout, CSV, JSONL or a SQLite library
+(library.py), and into the images' metadata (metadata.py).
 
 Library use (the Gradio app): `caption_files(cap, paths, CaptionJob(beam=3), on_batch=..., progress=...)`
 returns one dict per path, in order: {"path", "caption", "score", "alternatives", "error"}."""
@@ -313,6 +314,7 @@ def merge_parts(out: Path, fmt: str, parts: list[Path], order: Sequence[Path], k
 # ------------------------------------------------------------------------------- CLI ------
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:
     from .cli import _add_model_args, _add_search_args
+    from .metadata import add_metadata_args
 
     p = sub.add_parser(
         "caption", help="caption image files, folders and glob patterns in batches",
@@ -320,23 +322,31 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                     "With -o, rows (path, caption, score, alternatives, error) are appended and synced after every "
                     "batch, so a killed run loses nothing: rerun it with the same PATHs and --resume (rows are "
                     "matched by path). Unreadable files are reported on stderr and written with `error` set. "
-                    "Exit code 0: all captioned, 3: some inputs failed, 2: usage error, 1: other errors.",
+                    "Exit code 0: all captioned, 3: some inputs failed (or their metadata could not be written), "
+                    "2: usage error, 1: other errors (nothing could be done).",
         epilog="Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
                "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
                "process 0 merges them into OUT in sorted order, deletes the parts and sets the exit code "
                "(torchrun reports any non-zero code as a failure).")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders, glob patterns (quoted)")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders; `**` in patterns")
-    p.add_argument("-o", "--output", type=Path, default=None, metavar="OUT", help="out.csv or out.jsonl")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="OUT",
+                   help="out.csv, out.jsonl, or library.sqlite: a SQLite library with a full-text index of the "
+                        "captions (path, size, mtime, caption, alternatives, score, model, time), searched by "
+                        "`captioner search`")
     p.add_argument("--topk", type=int, default=None, help="also write the N best captions (alternatives; N <= --beam)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="image-loading processes (0 = in the main process; default %(default)s)")
-    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT, caption only the missing images")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in OUT, caption only the missing images (a .sqlite library also "
+                        "re-captions changed photos and drops deleted ones); without -o, with --write-metadata or "
+                        "--sidecar: skip the images that already carry captioner's description")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--compile", action="store_true",
                    help="CPU: encode with an ahead-of-time compiled encoder (~2x faster encoding; built once in "
                         "~20 s with a C++ compiler, then cached in CAPTIONER_CACHE or ~/.cache/captioner)")
+    add_metadata_args(p)
     _add_model_args(p)
     _add_search_args(p)
     p.set_defaults(func=run_caption, caption_parser=p)
@@ -358,17 +368,26 @@ def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
 
 
 def run_caption(args: argparse.Namespace) -> int:
+    from . import metadata
     from .cli import _search_kwargs
+    from .library import SUFFIXES, LibraryWriter
     from .model import Captioner
 
     world, rank = _world()
+    tagging = metadata.metadata_options(args)
+    fmt = None if args.output is None else "sqlite" if args.output.suffix.lower() in SUFFIXES else \
+        args.output.suffix.lower().lstrip(".")
     problem = None
-    if args.output is not None and args.output.suffix.lower().lstrip(".") not in FORMATS:
-        problem = f"unknown output format {args.output.suffix or args.output.name!r}: use .csv or .jsonl"
-    elif args.output is None and (args.resume or world > 1):
-        problem = "--resume and torchrun need -o OUT"
+    if args.output is not None and fmt not in (*FORMATS, "sqlite"):
+        problem = f"unknown output format {args.output.suffix or args.output.name!r}: use .csv, .jsonl or .sqlite"
+    elif args.output is None and (args.resume and not tagging or world > 1):
+        problem = "--resume and torchrun need -o OUT (--resume also works with --write-metadata or --sidecar)"
+    elif fmt == "sqlite" and world > 1:
+        problem = "a .sqlite library is written by one process: run without torchrun"
     elif args.batch_size < 1 or args.workers < 0 or (args.topk is not None and args.topk < 1):
         problem = "--batch-size and --topk must be >= 1, --workers >= 0"
+    else:
+        problem = metadata.usage_problem(args)
     if problem:
         args.caption_parser.print_usage(sys.stderr)
         print(f"captioner caption: error: {problem}", file=sys.stderr)
@@ -378,6 +397,7 @@ def run_caption(args: argparse.Namespace) -> int:
         print(f"captioner: {name}: {msg}", file=sys.stderr)
     if not paths:
         raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
+    exiftool = metadata.find_exiftool() if tagging else None  # before the model loads: fail fast
     local = os.environ.get("LOCAL_RANK", "0")
     cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device)
     if args.compile:
@@ -385,23 +405,32 @@ def run_caption(args: argparse.Namespace) -> int:
     job = CaptionJob(**_search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                      progress_bar=not args.no_progress and rank == 0 and sys.stderr.isatty())
     alternatives = cap.search_config(**_search_kwargs(args), topk=args.topk).topk > 1
-    if args.output is None:
-        results = caption_files(cap, paths, job, lambda rows: _echo(rows, True, alternatives))
-        return 3 if input_errors or any(r["error"] for r in results) else 0
+    stamps = metadata.stamps(paths[rank::world]) if tagging or fmt == "sqlite" else {}
+    with contextlib.ExitStack() as stack:
+        note = partial(tqdm.write, file=sys.stderr)  # around the progress bar
+        tagger = stack.enter_context(metadata.MetadataWriter(tagging, cap.model_id, stamps, exiftool,
+                                                             notes=note)) if tagging else None
+        tag = tagger or (lambda rows: None)
+        if args.output is None:
+            done = tagger.done(paths) if args.resume else set()
+            results = caption_files(cap, [p for p in paths if str(p) not in done], job,
+                                    lambda rows: (tag(rows), _echo(rows, not args.dry_run, alternatives)))
+            return 3 if input_errors or any(r["error"] for r in results) else 0
 
-    out, fmt = args.output, args.output.suffix.lower().lstrip(".")
-    part = out.with_name(f"{out.name}.rank{rank}.part") if world > 1 else out
-    old: list[Row] = []
-    if args.resume:
-        for f in [out] + (_parts(out) if world > 1 else []):
-            old += read_rows(f, fmt, fix=f == part)
-    done = {r["path"] for r in old}
-    writer = FileWriter(part, fmt, append=args.resume, alternatives=alternatives)
-    try:
+        out = args.output
+        part = out.with_name(f"{out.name}.rank{rank}.part") if world > 1 else out
+        old: list[Row] = []
+        if fmt == "sqlite":
+            writer = LibraryWriter(out, cap.model_id, stamps, alternatives, resume=args.resume)
+            old = writer.kept(paths) if args.resume else []
+        else:
+            for f in ([out] + (_parts(out) if world > 1 else [])) if args.resume else []:
+                old += read_rows(f, fmt, fix=f == part)
+            writer = FileWriter(part, fmt, append=args.resume, alternatives=alternatives)
+        done = {r["path"] for r in old}
+        stack.callback(writer.close)
         results = caption_files(cap, [p for p in paths[rank::world] if str(p) not in done], job,
-                                lambda rows: (_echo(rows, False, alternatives), writer(rows)))
-    finally:
-        writer.close()
+                                lambda rows: (tag(rows), _echo(rows, False, alternatives), writer(rows)))
     rows: list[Row] = old + results
     if world > 1:
         import torch.distributed as dist

@@ -198,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from .batch import add_caption_parser
+    from .library import add_search_parser
     from .videocli import add_video_parser
 
     add_caption_parser(sub)
+    add_search_parser(sub)
     add_video_parser(sub)
     _add_cache(sub)
     _add_train(sub)

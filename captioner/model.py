@@ -164,6 +164,20 @@ class Captioner:
         scfg = SearchConfig(**{k: v for k, v in ckpt["config"].get("search", {}).items() if k in known})
         return cls(encoder, decoder, vocab, scfg, device, ckpt["config"], prepare)
 
+    @property
+    def model_id(self) -> str:
+        """A name for these weights that any copy of the model file shares: encoder name + the first 12 hex
+        digits of the SHA-256 of the vocabulary and the decoder's weights (what metadata and libraries record)."""
+        if getattr(self, "_model_id", None) is None:
+            import hashlib
+
+            h = hashlib.sha256("\n".join(self.vocab.itos).encode())
+            for name, t in sorted(self.decoder.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._model_id = f"{self.encoder.config.name}+{h.hexdigest()[:12]}"
+        return self._model_id
+
     def search_config(self, **overrides: Any) -> SearchConfig:
         base = {f.name: getattr(self.search_cfg, f.name) for f in fields(SearchConfig)}
         base.update({k: v for k, v in overrides.items() if v is not None})

@@ -190,9 +190,11 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
                      max_zip_bytes: int = MAX_ZIP_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES) -> Callable:
     def caption_batch(files: list[str] | None, beam: float, progress=gr.Progress()):
         """Caption many images; .zip archives are unpacked (safely) and their images captioned.
-        Returns thumbnails (gallery), a table (file, caption, score, error) and CSV and JSONL files."""
+        Returns thumbnails (gallery), a table (file, caption, score, error) and CSV, JSONL and SQLite files
+        (the SQLite library, searchable with `captioner search`, names each photo as the table does)."""
         from .batch import caption_files
         from .images import ImageError, is_zip, safe_extract_zip, to_rgb
+        from .library import LibraryWriter
 
         paths = _file_list(files)
         if not paths:
@@ -219,13 +221,14 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
             progress((0, len(todo)), desc="captioning", unit="images")
             done = iter(caption_files(cap, todo, beam=int(beam), topk=3,
                                       progress=lambda n: progress((n, len(todo)), desc="captioning", unit="images")))
-            rows, thumbs, records = [], [], []
+            rows, thumbs, records, stamps = [], [], [], {}
             for path, name, pre in items:
                 r = {"caption": "", "score": None, "alternatives": [], "error": pre} if pre else next(done)
                 err = r.get("error") or ""
                 score = r.get("score")
                 score = None if score is None else round(float(score), 4)
                 rows.append([name, r.get("caption") or "", score, err])
+                stamps[name if name not in stamps else f"{name} ({len(rows)})"] = path.stat()
                 records.append({"file": name, "caption": r.get("caption") or "", "score": score,
                                 "alternatives": [[t, round(float(sc), 4)] for t, sc in r.get("alternatives") or []],
                                 "error": err or None})
@@ -244,7 +247,12 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
         with jsonl_path.open("w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        return thumbs, rows, str(csv_path), str(jsonl_path)
+        library = LibraryWriter(out / "captions.sqlite", cap.model_id, stamps, alternatives=True)
+        try:
+            library([{**rec, "path": name, "error": rec["error"] or ""} for name, rec in zip(stamps, records)])
+        finally:
+            library.close()
+        return thumbs, rows, str(csv_path), str(jsonl_path), str(out / "captions.sqlite")
 
     return caption_batch
 
@@ -342,6 +350,8 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     csv_out = gr.File(label="CSV (file, caption, score, error)", elem_id="batch-csv",
                                       interactive=False)
                     jsonl_out = gr.File(label="JSONL (with alternatives)", elem_id="batch-jsonl", interactive=False)
+                    sqlite_out = gr.File(label="SQLite library (search it with `captioner search`)",
+                                         elem_id="batch-sqlite", interactive=False)
                 with gr.Column(scale=2):
                     thumbs = gr.Gallery(label="Thumbnails", elem_id="batch-gallery", columns=6, height="auto",
                                         object_fit="cover", preview=False)
@@ -349,7 +359,7 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                                          label="Captions", interactive=False, elem_id="batch-table", wrap=True,
                                          column_widths=["20%", "42%", "12%", "26%"])
             brun.click(caption_batch_fn(cap, work, max_zip_files, max_zip_bytes, max_image_bytes), [files, bbeam],
-                       [thumbs, table, csv_out, jsonl_out], api_name="caption_batch")
+                       [thumbs, table, csv_out, jsonl_out, sqlite_out], api_name="caption_batch")
 
         with gr.Tab("Video", id="video"):
             with gr.Row(equal_height=False):

@@ -3,12 +3,14 @@ its API with gradio_client (the same endpoints the UI calls)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -179,7 +181,7 @@ def test_batch_with_a_broken_file(client, tmp_path):
     big = tmp_path / "big.png"
     big.write_bytes(b"\0" * (IMAGE_LIMIT + 1))
     files = [handle_file(str(p)) for p in (good[0], broken, *good[1:], big)]
-    thumbs, table, csv_path, jsonl_path = client.predict(files, 2, api_name="/caption_batch")
+    thumbs, table, csv_path, jsonl_path, sqlite_path = client.predict(files, 2, api_name="/caption_batch")
     rows = rows_of(table)
     assert [r[0] for r in rows] == ["img0.png", "broken.jpg", "img1.png", "img2.png", "big.png"]
     by_name = {r[0]: r for r in rows}
@@ -197,6 +199,9 @@ def test_batch_with_a_broken_file(client, tmp_path):
     records = [json.loads(line) for line in Path(jsonl_path).read_text().splitlines()]
     assert len(records) == 5 and records[1]["error"] and records[1]["score"] is None
     assert records[0]["alternatives"][0] == [records[0]["caption"], records[0]["score"]]
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as con:  # the library download: the table's rows
+        stored = {p: (c, e or "") for p, c, e in con.execute("SELECT path, caption, error FROM photos")}
+    assert stored == {r[0]: (r[1], r[3]) for r in rows}
 
 
 def test_batch_zip(client, tmp_path):
@@ -206,7 +211,7 @@ def test_batch_zip(client, tmp_path):
             write_image(tmp_path / f"z{i}.png", colour=c)
             zf.write(tmp_path / f"z{i}.png", f"holiday/z{i}.png")
         zf.writestr("holiday/readme.txt", "not an image")
-    thumbs, table, csv_path, _ = client.predict([handle_file(str(archive))], 1, api_name="/caption_batch")
+    thumbs, table, csv_path, _, _ = client.predict([handle_file(str(archive))], 1, api_name="/caption_batch")
     rows = rows_of(table)
     assert [r[0] for r in rows] == [f"photos.zip/holiday/z{i}.png" for i in range(3)]
     assert all(r[1] and not r[3] for r in rows)
