@@ -18,16 +18,17 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2 as T
-from tqdm import tqdm
 
+from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_common_args, add_model_args,
+                      add_search_args, outcome, search_kwargs, show_progress)
 from .errors import CaptionerError
 from .images import MAX_PIXELS, display_name, find_images, load_image, to_rgb
+
+if TYPE_CHECKING:  # torch, torchvision and tqdm are imported when captioning starts, not to parse arguments
+    import torch
 
 FIELDS = ("path", "caption", "score", "alternatives", "error")
 FORMATS = ("csv", "jsonl")
@@ -73,6 +74,8 @@ def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, in
     normalisation (ToDtype onwards) run once per batch in the main process, on the stacked uint8 crops,
     normalising in place: bit-identical, 0.06 instead of 0.9 ms of CPU per image (2-core Xeon), and 4x
     less data to pass from the loading processes."""
+    from torchvision.transforms import v2 as T
+
     steps = list(getattr(transform, "transforms", None) or [])
     sizes = [s.size for s in steps if isinstance(s, T.Resize) and s.size]
     min_side = min(sizes[0]) if sizes and isinstance(sizes[0], (list, tuple)) else int(sizes[0]) if sizes else 0
@@ -83,7 +86,7 @@ def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, in
     return T.Compose(steps[:cut]), T.Compose(tail), min_side
 
 
-class _Files(Dataset):
+class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __getitem__)
     """Batch b of `paths`: (indices, preprocessed images or what `finish` makes of them, [(index, error)])."""
 
     def __init__(self, paths: Sequence[Path], batch_size: int, transform: Callable, per_batch: Callable | None,
@@ -102,6 +105,8 @@ class _Files(Dataset):
             return None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": ")
 
     def __getitem__(self, b: int) -> tuple[list[int], Any, list[tuple[int, str]]]:
+        import torch
+
         span = range(b * self.batch_size, min(len(self.paths), (b + 1) * self.batch_size))
         loaded = [(i, *self._one(i)) for i in span]
         good = [(i, x) for i, x, _ in loaded if x is not None]
@@ -125,6 +130,9 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     that keeps both cores busy with no thread waiting on another. Encoding in the workers and searching
     here was slower (a third busy process: 136 vs 163 img/s greedy on 1,000 images, README "Speed").
     On CUDA the model stays here."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram)
@@ -312,34 +320,41 @@ def merge_parts(out: Path, fmt: str, parts: list[Path], order: Sequence[Path], k
 
 # ------------------------------------------------------------------------------- CLI ------
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:
-    from .cli import _add_model_args, _add_search_args
-
     p = sub.add_parser(
         "caption", help="caption image files, folders and glob patterns in batches",
         description="Caption images (sorted by path) in batches. Default output: PATH<TAB>caption lines on stdout. "
                     "With -o, rows (path, caption, score, alternatives, error) are appended and synced after every "
                     "batch, so a killed run loses nothing: rerun it with the same PATHs and --resume (rows are "
-                    "matched by path). Unreadable files are reported on stderr and written with `error` set. "
-                    "Exit code 0: all captioned, 3: some inputs failed, 2: usage error, 1: other errors.",
-        epilog="Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
+                    "matched by path). Unreadable files are reported on stderr and written with `error` set.",
+        epilog=EXIT_EPILOG + " Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
                "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
                "process 0 merges them into OUT in sorted order, deletes the parts and sets the exit code "
                "(torchrun reports any non-zero code as a failure).")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders, glob patterns (quoted)")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders; `**` in patterns")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="OUT", help="out.csv or out.jsonl")
-    p.add_argument("--topk", type=int, default=None, help="also write the N best captions (alternatives; N <= --beam)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="image-loading processes (0 = in the main process; default %(default)s)")
+    p.add_argument("--topk", type=TOPK, default=None,
+                   help=f"also write the N best captions (alternatives; N <= --beam), {TOPK.describe()}")
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help=f"images per batch, {BATCH_SIZE.describe()} (default 32)")
+    p.add_argument("--workers", type=WORKERS, default=min(2, os.cpu_count() or 1),
+                   help=f"image-loading processes, {WORKERS.describe()} (0 = in the main process; default %(default)s)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in OUT, caption only the missing images")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--compile", action="store_true",
                    help="CPU: encode with an ahead-of-time compiled encoder (~2x faster encoding; built once in "
                         "~20 s with a C++ compiler, then cached in CAPTIONER_CACHE or ~/.cache/captioner)")
-    _add_model_args(p)
-    _add_search_args(p)
-    p.set_defaults(func=run_caption, caption_parser=p)
+    add_model_args(p)
+    add_search_args(p)
+    add_common_args(p)
+    p.set_defaults(func=run_caption, check=check_caption_args, parser=p)
+
+
+def check_caption_args(args: argparse.Namespace) -> None:
+    """Options that do not go together: a UsageError (exit 2) before anything is loaded."""
+    world, _ = _world()
+    if args.output is not None and args.output.suffix.lower().lstrip(".") not in FORMATS:
+        raise UsageError(f"unknown output format {args.output.suffix or args.output.name!r}: use .csv or .jsonl")
+    if args.output is None and (args.resume or world > 1):
+        raise UsageError("--resume and torchrun need -o OUT")
 
 
 def _world() -> tuple[int, int]:
@@ -348,6 +363,8 @@ def _world() -> tuple[int, int]:
 
 def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
     """Errors on stderr (around the progress bar); with stdout, PATH<TAB>caption (+ alternatives) lines."""
+    from tqdm import tqdm
+
     for r in rows:
         if r["error"]:
             tqdm.write(f"captioner: {display_name(r['path'])}: {r['error']}", file=sys.stderr)
@@ -358,21 +375,9 @@ def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from .cli import _search_kwargs
     from .model import Captioner
 
     world, rank = _world()
-    problem = None
-    if args.output is not None and args.output.suffix.lower().lstrip(".") not in FORMATS:
-        problem = f"unknown output format {args.output.suffix or args.output.name!r}: use .csv or .jsonl"
-    elif args.output is None and (args.resume or world > 1):
-        problem = "--resume and torchrun need -o OUT"
-    elif args.batch_size < 1 or args.workers < 0 or (args.topk is not None and args.topk < 1):
-        problem = "--batch-size and --topk must be >= 1, --workers >= 0"
-    if problem:
-        args.caption_parser.print_usage(sys.stderr)
-        print(f"captioner caption: error: {problem}", file=sys.stderr)
-        return 2
     paths, input_errors = find_images(args.inputs, args.recursive)
     for name, msg in input_errors if rank == 0 else []:
         print(f"captioner: {name}: {msg}", file=sys.stderr)
@@ -382,12 +387,12 @@ def run_caption(args: argparse.Namespace) -> int:
     cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device)
     if args.compile:
         cap.compile_encoder()
-    job = CaptionJob(**_search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
-                     progress_bar=not args.no_progress and rank == 0 and sys.stderr.isatty())
-    alternatives = cap.search_config(**_search_kwargs(args), topk=args.topk).topk > 1
+    job = CaptionJob(**search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                     progress_bar=show_progress(args) and rank == 0)
+    alternatives = cap.search_config(**search_kwargs(args), topk=args.topk).topk > 1
     if args.output is None:
         results = caption_files(cap, paths, job, lambda rows: _echo(rows, True, alternatives))
-        return 3 if input_errors or any(r["error"] for r in results) else 0
+        return _exit_code(results, input_errors)
 
     out, fmt = args.output, args.output.suffix.lower().lstrip(".")
     part = out.with_name(f"{out.name}.rank{rank}.part") if world > 1 else out
@@ -415,4 +420,10 @@ def run_caption(args: argparse.Namespace) -> int:
             rows = merge_parts(out, fmt, parts, paths, keep_existing=args.resume)
         finally:
             dist.destroy_process_group()
-    return 3 if input_errors or any(r["error"] for r in rows) else 0
+    return _exit_code(rows, input_errors)
+
+
+def _exit_code(rows: list[Row], input_errors: list) -> int:
+    """0 all captioned, 3 some inputs failed, 1 none could be captioned (cliargs.outcome)."""
+    failed = sum(1 for r in rows if r["error"]) + len(input_errors)
+    return outcome(len(rows) + len(input_errors) - failed, failed)

@@ -14,7 +14,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import IO
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import CaptionerError
@@ -43,6 +42,8 @@ def _one_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------------- decoding -------
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
     """16/32-bit int or float grey -> 8-bit L by scaling (clipping would turn most images white)."""
+    import numpy as np  # here, not at import: the CLI parses its arguments without numpy
+
     a = np.nan_to_num(np.asarray(img, dtype=np.float64))
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
