@@ -29,6 +29,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .cliargs import BEAM, EVERY, MAX_LEN, TOPK, Range  # noqa: E402
 from .errors import CaptionerError  # noqa: E402
 from .images import IMAGE_EXTENSIONS  # noqa: E402
 from .model import Captioner  # noqa: E402
@@ -128,6 +129,15 @@ def _user_message(exc: BaseException, path: str | Path | None = None) -> str:
     return html.escape(text, quote=False)
 
 
+def in_range(value: Any, limit: Range, label: str) -> int | float:
+    """An input's value checked against the CLI's limit for it (cliargs): the sliders keep a browser inside
+    them, this keeps API calls (gradio_client, curl) there too."""
+    try:
+        return limit.check(value)
+    except ValueError as exc:
+        raise user_error(f"{label}: {html.escape(str(exc))}", title="Invalid input") from None
+
+
 def _mmss(t: float) -> str:
     return f"{int(t // 60):02d}:{t % 60:04.1f}"
 
@@ -164,6 +174,8 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
         attention heat map per word (gallery items labelled with the word)."""
         from .images import ImageError, load_image
 
+        beam, max_len, topk = (in_range(beam, BEAM, "Beam size"), in_range(max_len, MAX_LEN, "Max length"),
+                               in_range(topk, TOPK, "Alternatives"))
         if not image:
             raise user_error("Upload an image first (or pick an example).")
         _check_size(image, max_image_bytes)
@@ -194,6 +206,7 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
         from .batch import caption_files
         from .images import ImageError, is_zip, safe_extract_zip, to_rgb
 
+        beam = in_range(beam, BEAM, "Beam size")
         paths = _file_list(files)
         if not paths:
             raise user_error("Upload some images or a .zip of images first.")
@@ -258,9 +271,10 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
         Returns the sampled frames (gallery, "mm:ss.s caption"), the segments table and SRT and VTT files."""
         from .video import VideoError, probe, tag_video, write_srt, write_vtt
 
+        beam = in_range(beam, BEAM, "Beam size")
+        every = in_range(float(every or 0), EVERY, "Sample every (seconds)")
         if not video:
             raise user_error("Upload a video first.")
-        every = float(every or 0)
         if every <= 0 and not scenes:
             raise user_error("The sampling interval must be > 0 seconds (or 0 with scene changes on).")
         out = work.new("video")
@@ -299,6 +313,7 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
     """The Blocks app around one loaded `Captioner` (shared by every tab and request)."""
     work = WorkDir()
     beam0, len0 = cap.search_cfg.beam, cap.search_cfg.max_len
+    beam_max, len_max = min(int(BEAM.hi), max(8, beam0)), min(int(MAX_LEN.hi), max(40, len0))
     enc = cap.config.get("encoder", {}).get("name", "?")
 
     with gr.Blocks(title="captioner", delete_cache=(3600, 3600)) as demo:
@@ -311,9 +326,9 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     image = raw_upload(gr.Image(type="filepath", image_mode=None, label="Image", height=340,
                                                 sources=["upload", "webcam", "clipboard"], elem_id="image-input"))
                     with gr.Row():
-                        beam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size",
+                        beam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size",
                                          info="1 = greedy")
-                        max_len = gr.Slider(3, max(40, len0), value=len0, step=1, label="Max length (words)")
+                        max_len = gr.Slider(3, len_max, value=len0, step=1, label="Max length (words)")
                         topk = gr.Slider(1, 8, value=3, step=1, label="Alternatives", info="top-N beams")
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     examples = example_images()
@@ -337,7 +352,7 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                 with gr.Column(scale=1):
                     files = gr.File(file_count="multiple", label="Images and/or .zip archives of images",
                                     elem_id="batch-files", height=200)
-                    bbeam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size")
+                    bbeam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size")
                     brun = gr.Button("Caption all", variant="primary", elem_id="batch-button")
                     csv_out = gr.File(label="CSV (file, caption, score, error)", elem_id="batch-csv",
                                       interactive=False)
@@ -357,9 +372,10 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     video = gr.Video(label="Video", sources=["upload"], include_audio=True, height=280,
                                      elem_id="video-input")
                     with gr.Row():
-                        every = gr.Number(value=1.0, minimum=0, label="Sample every (seconds)", step=0.5)
+                        every = gr.Number(value=1.0, minimum=EVERY.lo, maximum=EVERY.hi, label="Sample every (seconds)",
+                                          step=0.5)
                         scenes = gr.Checkbox(value=False, label="Also sample on scene changes")
-                    vbeam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size")
+                    vbeam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size")
                     vrun = gr.Button("Caption video", variant="primary", elem_id="video-button")
                     srt_out = gr.File(label="SRT subtitles", elem_id="video-srt", interactive=False)
                     vtt_out = gr.File(label="WebVTT subtitles", elem_id="video-vtt", interactive=False)

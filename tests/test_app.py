@@ -334,3 +334,40 @@ def test_nothing_leaves_the_machine(client, net_log):
     assert "127.0.0.1" in net_log  # the hook sees the client's own lookups
     outside = sorted({h for h in net_log if h not in LOCAL_HOSTS})
     assert not outside, f"the app looked up outside hosts: {outside}"
+
+
+# ------------------------------------------------------------------------- input limits ----
+@pytest.mark.parametrize("endpoint, args, label", [
+    ("/caption", ("IMG", 0, 8, 3), "Beam size"), ("/caption", ("IMG", 100000, 8, 3), "Beam size"),
+    ("/caption", ("IMG", 3, 0, 3), "Max length"), ("/caption", ("IMG", 3, 101, 3), "Max length"),
+    ("/caption", ("IMG", 3, 8, 0), "Alternatives"), ("/caption_batch", (["IMG"], -3), "Beam size"),
+    ("/caption_video", ("VID", -1.0, False, 1), "Sample every"), ("/caption_video", ("VID", 1.0, False, 17), "Beam size"),
+])
+def test_inputs_have_the_cli_limits(client, tmp_path, endpoint, args, label):
+    """Item 5: the API refuses what the CLI refuses (beam 1-16, max length 1-100, ...), before any work: Gradio
+    itself for values outside a slider (whose bounds lie within the CLI's), ui.in_range for the rest."""
+    image = handle_file(str(write_image(tmp_path / "a.png")))
+    video = handle_file(str(make_video(tmp_path / "v.mp4", seconds=1)))
+    fill = lambda a: image if a == "IMG" else video if a == "VID" else [fill(x) for x in a] if isinstance(a, list) else a  # noqa: E731
+    with pytest.raises(AppError) as err:
+        client.predict(*map(fill, args), api_name=endpoint)
+    message = str(err.value)
+    assert re.match(r"Value \S+ is (less than minimum|greater than maximum) value", message) or (
+        label in message and "out of range" in message), message
+
+
+def test_input_bounds_lie_within_the_cli_limits(app):
+    from captioner import ui
+    from captioner.cliargs import BEAM, EVERY, MAX_LEN, TOPK
+
+    limits = {"Beam size": BEAM, "Max length (words)": MAX_LEN, "Alternatives": TOPK, "Sample every (seconds)": EVERY}
+    seen = set()
+    for block in app[0].blocks.values():
+        limit = limits.get(getattr(block, "label", None))
+        if limit is not None:
+            seen.add(block.label)
+            assert limit.lo <= block.minimum and block.maximum <= limit.hi, block.label
+    assert seen == set(limits)
+    with pytest.raises(Exception, match="Beam size: 0 is out of range: must be from 1 to 16"):
+        ui.in_range(0, BEAM, "Beam size")
+    assert ui.in_range(3.0, BEAM, "Beam size") == 3 and isinstance(ui.in_range(3.0, BEAM, "Beam size"), int)
