@@ -1,7 +1,7 @@
 """`captioner caption PATH...`: caption many images in batches, to stdout, CSV or JSONL.
 
 Library use (the Gradio app): `caption_files(cap, paths, CaptionJob(beam=3), on_batch=..., progress=...)`
-returns one dict per path, in order: {"path", "caption", "score", "alternatives", "error"}."""
+returns one dict per path, in order: {"path", "caption", "score", "alternatives", "error", "warning"}."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from PIL import Image
 from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_common_args, add_model_args,
                       add_search_args, outcome, search_kwargs, show_progress)
 from .errors import CaptionerError
-from .images import MAX_PIXELS, display_name, find_images, load_image, to_rgb
+from .images import MAX_PIXELS, display_name, find_images, load_image, size_warning, skipped_summary, to_rgb
 
 if TYPE_CHECKING:  # torch, torchvision and tqdm are imported when captioning starts, not to parse arguments
     import torch
 
-FIELDS = ("path", "caption", "score", "alternatives", "error")
+FIELDS = ("path", "caption", "score", "alternatives", "error", "warning")
 FORMATS = ("csv", "jsonl")
 Row = dict[str, Any]
 
@@ -87,7 +87,8 @@ def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, in
 
 
 class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __getitem__)
-    """Batch b of `paths`: (indices, preprocessed images or what `finish` makes of them, [(index, error)])."""
+    """Batch b of `paths`: (indices, preprocessed images or what `finish` makes of them, [(index, error)],
+    {index: warning} for images captioned with a warning, e.g. too small)."""
 
     def __init__(self, paths: Sequence[Path], batch_size: int, transform: Callable, per_batch: Callable | None,
                  min_side: int = 0, finish: Callable[[torch.Tensor], Any] | None = None) -> None:
@@ -97,25 +98,29 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch_size)
 
-    def _one(self, i: int) -> tuple[torch.Tensor | None, str]:
+    def _one(self, i: int) -> tuple[torch.Tensor | None, str, str]:
+        """(preprocessed image or None, error, warning)."""
         try:
-            return self.transform(_load(self.paths[i], self.min_side)), ""
+            image = _load(self.paths[i], self.min_side)
+            return self.transform(image), "", size_warning(image)
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
-            return None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": ")
+            return None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": "), ""
 
-    def __getitem__(self, b: int) -> tuple[list[int], Any, list[tuple[int, str]]]:
+    def __getitem__(self, b: int) -> tuple[list[int], Any, list[tuple[int, str]], dict[int, str]]:
         import torch
 
         span = range(b * self.batch_size, min(len(self.paths), (b + 1) * self.batch_size))
         loaded = [(i, *self._one(i)) for i in span]
+        warnings = {i: w for i, _, _, w in loaded if w}
+        loaded = [(i, x, e) for i, x, e, _ in loaded]
         good = [(i, x) for i, x, _ in loaded if x is not None]
         x = torch.stack([x for _, x in good]) if good else None
         if x is not None and self.per_batch is not None:
             x = self.per_batch(x)
         if x is not None and self.finish is not None:
             x = self.finish(x)
-        return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None]
+        return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None], warnings
 
 
 def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob | None = None,
@@ -146,14 +151,15 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     loader = DataLoader(files, batch_size=None, num_workers=job.workers)
     results: list[Row] = []
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
-        for idx, x, failed in loader:
-            rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err}
-                    for i, err in failed}
+        for idx, x, failed, warnings in loader:
+            rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err,
+                        "warning": ""} for i, err in failed}
             if x is not None:
                 found = x if in_workers else cap.caption_tensors(x, cfg)
                 for i, c in zip(idx, found):
                     rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
-                               "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": ""}
+                               "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": "",
+                               "warning": warnings.get(i, "")}
             batch = [rows[i] for i in sorted(rows)]
             results += batch
             if on_batch:
@@ -170,7 +176,7 @@ def _record(row: Row, alternatives: bool) -> Row:
     score = row["score"]
     return {"path": row["path"], "caption": row["caption"], "score": None if score is None else round(score, 4),
             "alternatives": [[t, round(s, 4)] for t, s in row["alternatives"]] if alternatives else [],
-            "error": row["error"] or None}
+            "error": row["error"] or None, "warning": row.get("warning") or None}
 
 
 def _dump(records: Sequence[Row], fmt: str, header: bool = False) -> str:
@@ -368,7 +374,9 @@ def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
     for r in rows:
         if r["error"]:
             tqdm.write(f"captioner: {display_name(r['path'])}: {r['error']}", file=sys.stderr)
-        elif stdout:
+        elif r.get("warning"):
+            tqdm.write(f"captioner: {display_name(r['path'])}: warning: {r['warning']}", file=sys.stderr)
+        if stdout and not r["error"]:
             print(f"{display_name(r['path'])}\t{r['caption']}", flush=True)
             for n, (text, score) in enumerate(r["alternatives"][1:] if alternatives else [], 2):
                 print(f"\t{n}. {text} ({score:.3f})", flush=True)
@@ -378,9 +386,12 @@ def run_caption(args: argparse.Namespace) -> int:
     from .model import Captioner
 
     world, rank = _world()
-    paths, input_errors = find_images(args.inputs, args.recursive)
+    skipped: list[Path] = []
+    paths, input_errors = find_images(args.inputs, args.recursive, skipped)
     for name, msg in input_errors if rank == 0 else []:
         print(f"captioner: {name}: {msg}", file=sys.stderr)
+    for p in skipped if rank == 0 and args.verbose else []:
+        print(f"captioner: skipped {display_name(p)} (not an image file by its extension)", file=sys.stderr)
     if not paths:
         raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
     local = os.environ.get("LOCAL_RANK", "0")
@@ -392,7 +403,7 @@ def run_caption(args: argparse.Namespace) -> int:
     alternatives = cap.search_config(**search_kwargs(args), topk=args.topk).topk > 1
     if args.output is None:
         results = caption_files(cap, paths, job, lambda rows: _echo(rows, True, alternatives))
-        return _exit_code(results, input_errors)
+        return _finish(args, results, input_errors, skipped)
 
     out, fmt = args.output, args.output.suffix.lower().lstrip(".")
     part = out.with_name(f"{out.name}.rank{rank}.part") if world > 1 else out
@@ -420,6 +431,17 @@ def run_caption(args: argparse.Namespace) -> int:
             rows = merge_parts(out, fmt, parts, paths, keep_existing=args.resume)
         finally:
             dist.destroy_process_group()
+    return _finish(args, rows, input_errors, skipped)
+
+
+def _finish(args: argparse.Namespace, rows: list[Row], input_errors: list, skipped: list[Path]) -> int:
+    """The summary line on stderr (unless -q), then the exit code."""
+    failed = sum(1 for r in rows if r["error"]) + len(input_errors)
+    warned = sum(1 for r in rows if r.get("warning") and not r["error"])
+    if not args.quiet:
+        hint = "; -v lists them" if skipped and not args.verbose else ""
+        print(f"captioner: {len(rows) + len(input_errors) - failed} captioned ({warned} with a warning), "
+              f"{failed} failed, {skipped_summary(skipped)}{hint}", file=sys.stderr)
     return _exit_code(rows, input_errors)
 
 
