@@ -79,6 +79,19 @@ def attention_overlay(image: Image.Image, attention: np.ndarray, alpha: float = 
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
+def log_probabilities(score: float, words: int, length_penalty: float) -> tuple[float, float]:
+    """(log P(caption), its average per token) from a beam's ranking score = log P / (words + 1)**penalty
+    (search.py; the + 1 is the end token). The average is comparable across caption lengths, the sum is not."""
+    tokens = words + 1
+    total = float(score) * tokens ** length_penalty
+    return total, total / tokens
+
+
+ALTERNATIVE_HEADERS = ["caption", "log-prob", "per word"]
+ALTERNATIVES_LABEL = ("Alternatives, best first (log-prob: natural log of the caption's probability, summed over "
+                      "its words and the end token; per word: that sum / (words + 1), comparable across lengths)")
+
+
 def _fit(image: Image.Image, side: int) -> Image.Image:
     image = image.convert("RGB")
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
@@ -170,7 +183,7 @@ def raw_upload(image: gr.Image) -> gr.Image:
 # ------------------------------------------------------------------------ the tabs -------
 def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> Callable:
     def caption(image: str | None, beam: float, max_len: float, topk: float):
-        """Caption one image. Returns the caption, a table of alternatives (caption, score) and one
+        """Caption one image. Returns the caption, a table of alternatives (caption, log-prob, per word) and one
         attention heat map per word (gallery items labelled with the word)."""
         from .images import ImageError, load_image
 
@@ -187,7 +200,9 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
             c = cap.caption([pil], beam=int(beam), max_len=int(max_len), topk=int(topk))[0]
         except CaptionerError as exc:
             raise user_error(_user_message(exc)) from None
-        alternatives = [[text, round(float(score), 4)] for text, score in c.alternatives]
+        penalty = cap.search_cfg.length_penalty
+        alternatives = [[text, *(round(v, 3) for v in log_probabilities(score, len(text.split()), penalty))]
+                        for text, score in c.alternatives]
         small = _fit(pil, OVERLAY_SIDE)
         maps = [(attention_overlay(small, att), word) for word, att in zip(c.words, c.attention)]
         return c.text, alternatives, maps
@@ -337,10 +352,9 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                                     examples_per_page=8)
                 with gr.Column(scale=1):
                     caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption", lines=1)
-                    alternatives = gr.Dataframe(headers=["caption", "score"], datatype=["str", "number"],
-                                                label="Alternatives (length-normalised log-probability)",
-                                                interactive=False, elem_id="alternatives", wrap=True,
-                                                column_widths=["80%", "20%"])
+                    alternatives = gr.Dataframe(headers=ALTERNATIVE_HEADERS, datatype=["str", "number", "number"],
+                                                label=ALTERNATIVES_LABEL, interactive=False, elem_id="alternatives",
+                                                wrap=True, column_widths=["70%", "15%", "15%"])
                     attention = gr.Gallery(label="Attention: where the model looked for each word",
                                            elem_id="attention", columns=4, height="auto", object_fit="contain",
                                            preview=False)

@@ -121,11 +121,22 @@ def test_caption_image(client, tmp_path):
     rows = rows_of(alternatives)
     assert 1 <= len(rows) <= 3 and rows[0][0] == text
     scores = [r[1] for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    assert scores == sorted(scores, reverse=True)  # length penalty 0: ranked by log-prob
+    for caption, total, per_word in rows:  # item 14: what is shown is what the header says
+        assert per_word == pytest.approx(total / (len(caption.split()) + 1), abs=2e-3) and total < 0
     assert [item["caption"] for item in attention] == words  # one heat map per word, labelled with it
     first = attention[0]["image"]
     with Image.open(first if isinstance(first, str) else first["path"]) as im:
         assert max(im.size) <= 320
+
+
+def test_alternatives_label_says_what_the_scores_are(app):
+    from captioner import ui
+
+    table = next(b for b in app[0].blocks.values() if getattr(b, "elem_id", None) == "alternatives")
+    assert table.label == ui.ALTERNATIVES_LABEL and "per word" in table.label and "normalised" not in table.label
+    assert ui.log_probabilities(-6.0, 2, 0.0) == (-6.0, -2.0)
+    assert ui.log_probabilities(-2.0, 3, 1.0) == (-8.0, -2.0)  # score = log P / 4 under penalty 1
 
 
 def test_caption_example_image_greedy(client):
