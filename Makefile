@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make app    set up (first use only) and start the web app on the shipped model
-#   make test   set up (first use only) and run the test suite
+#   make test   set up (first use only), install Chromium for the browser test where apt-get can, and run
+#               the test suite; .ci/run is exactly `make test`
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -18,8 +19,15 @@ $(VENV)/.installed: pyproject.toml
 app: setup
 	$(BIN)/python app.py
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The browser test drives Debian's Chromium (/usr/bin/chromium). Installed here when apt-get is there and we may
+# use it (root); otherwise one line says how, and tests/test_browser.py skips with the same advice.
+CHROMIUM_HINT = chromium is not installed (run: sudo apt-get install chromium), so the browser test will skip
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "make: $(CHROMIUM_HINT)"
 
 clean:
 	rm -rf $(VENV) cache runs
