@@ -234,8 +234,9 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
                     dest.mkdir()
                     try:
                         members = safe_extract_zip(p, dest, max_files=max_zip_files, max_total_bytes=max_zip_bytes)
-                    except ImageError as exc:
-                        raise user_error(_user_message(exc, p), title="Archive refused") from None
+                    except ImageError as exc:  # an unsafe or bomb archive is one error row; the rest goes on
+                        items.append((p, p.name, " ".join(str(exc).replace(str(p), p.name).split())))
+                        continue
                     items += [(m, f"{p.name}/{m.relative_to(dest).as_posix()}", "") for m in sorted(members)]
                 else:
                     size = p.stat().st_size

@@ -269,10 +269,16 @@ def test_batch_malicious_zip(client, tmp_path, kind):
         archive = _bomb_zip(tmp_path / "bomb.zip")
         assert archive.stat().st_size < 2 * 2**20
         targets = []
-    with pytest.raises(AppError) as err:
-        client.predict([handle_file(str(archive))], 1, api_name="/caption_batch")
-    message = str(err.value)
-    assert "refused" in message.lower() and archive.name in message and "/gradio/" not in message
+    good = write_image(tmp_path / "beside.png")
+    # item 13: the archive is refused as one error row, the image uploaded beside it is still captioned
+    _, table, csv_path, _ = client.predict([handle_file(str(archive)), handle_file(str(good))], 1,
+                                           api_name="/caption_batch")
+    rows = rows_of(table)
+    assert [r[0] for r in rows] == [archive.name, "beside.png"]
+    message = rows[0][3]
+    assert "refused" in message.lower() and archive.name in message and "/gradio/" not in message and not rows[0][1]
+    assert rows[1][1] and not rows[1][3]
+    assert [r["error"] for r in read_csv(csv_path)] == [message, ""]
     for t in targets:
         assert not t.exists(), f"{t} was written"
 
