@@ -13,6 +13,7 @@ Nothing here leaves the machine: analytics are off, fonts are Gradio's bundled o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import json
@@ -116,6 +117,34 @@ class WorkDir:
             except OSError:
                 pass
         return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.root))
+
+
+class StatusLog:
+    """The last failure of each browser session, shown in the tab's status box: a gr.Error's toast fades
+    after a few seconds, the box keeps the reason until the next run of that tab."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def reporting(self, request: gr.Request | None) -> Any:
+        try:
+            yield
+        except gr.Error as exc:
+            self._record(request, str(exc.message))
+            raise
+        except Exception:
+            self._record(request, "unexpected error (details in the server log)")
+            raise
+
+    def _record(self, request: gr.Request | None, message: str) -> None:
+        if request is not None and request.session_hash:
+            self._last[request.session_hash] = message
+
+    def show(self, request: gr.Request) -> str:
+        """The status box's text after a failed run (and the /*_status API: the caller's last failure)."""
+        message = self._last.pop(getattr(request, "session_hash", None) or "", None)
+        return f"**Failed:** {message}" if message else ""
 
 
 def user_error(message: str, title: str = "Error") -> gr.Error:
@@ -327,7 +356,7 @@ def example_images() -> list[str]:
 def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zip_files: int = MAX_ZIP_FILES,
                max_zip_bytes: int = MAX_ZIP_BYTES, max_video_frames: int = MAX_VIDEO_FRAMES) -> gr.Blocks:
     """The Blocks app around one loaded `Captioner` (shared by every tab and request)."""
-    work = WorkDir()
+    work, status = WorkDir(), StatusLog()
     beam0, len0 = cap.search_cfg.beam, cap.search_cfg.max_len
     beam_max, len_max = min(int(BEAM.hi), max(8, beam0)), min(int(MAX_LEN.hi), max(40, len0))
     enc = cap.config.get("encoder", {}).get("name", "?")
@@ -359,8 +388,15 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     attention = gr.Gallery(label="Attention: where the model looked for each word",
                                            elem_id="attention", columns=4, height="auto", object_fit="contain",
                                            preview=False)
-            run.click(caption_image_fn(cap, max_image_bytes), [image, beam, max_len, topk],
-                      [caption, alternatives, attention], api_name="caption")
+            image_status = gr.Markdown(elem_id="image-status")
+            caption_one = caption_image_fn(cap, max_image_bytes)
+
+            def image_fn(image: str | None, beam: float, max_len: float, topk: float, request: gr.Request):
+                with status.reporting(request):
+                    return caption_one(image, beam, max_len, topk)
+
+            _with_status(run.click(image_fn, [image, beam, max_len, topk], [caption, alternatives, attention],
+                                   api_name="caption"), image_status, status, "caption_status", "Captioned.")
 
         with gr.Tab("Batch", id="batch"):
             with gr.Row(equal_height=False):
@@ -378,8 +414,16 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     table = gr.Dataframe(headers=BATCH_HEADERS, datatype=["str", "str", "number", "str"],
                                          label="Captions", interactive=False, elem_id="batch-table", wrap=True,
                                          column_widths=["20%", "42%", "12%", "26%"])
-            brun.click(caption_batch_fn(cap, work, max_zip_files, max_zip_bytes, max_image_bytes), [files, bbeam],
-                       [thumbs, table, csv_out, jsonl_out], api_name="caption_batch")
+            batch_status = gr.Markdown(elem_id="batch-status")
+            caption_many = caption_batch_fn(cap, work, max_zip_files, max_zip_bytes, max_image_bytes)
+
+            def batch_fn(files: list[str] | None, beam: float, request: gr.Request, progress=gr.Progress()):
+                with status.reporting(request):
+                    return caption_many(files, beam, progress)
+
+            _with_status(brun.click(batch_fn, [files, bbeam], [thumbs, table, csv_out, jsonl_out],
+                                    api_name="caption_batch"), batch_status, status, "caption_batch_status",
+                         "Done: see the table (files that failed have an error).")
 
         with gr.Tab("Video", id="video"):
             with gr.Row(equal_height=False):
@@ -400,10 +444,24 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     segments = gr.Dataframe(headers=SEGMENT_HEADERS, datatype=["number", "number", "str", "str"],
                                             label="Segments (seconds)", interactive=False, elem_id="video-segments",
                                             wrap=True)
-            vrun.click(caption_video_fn(cap, work, max_video_frames), [video, every, scenes, vbeam],
-                       [frames, segments, srt_out, vtt_out], api_name="caption_video")
+            video_status = gr.Markdown(elem_id="video-status")
+            caption_clip = caption_video_fn(cap, work, max_video_frames)
+
+            def video_fn(video: str | None, every: float, scenes: bool, beam: float, request: gr.Request,
+                         progress=gr.Progress()):
+                with status.reporting(request):
+                    return caption_clip(video, every, scenes, beam, progress)
+
+            _with_status(vrun.click(video_fn, [video, every, scenes, vbeam], [frames, segments, srt_out, vtt_out],
+                                    api_name="caption_video"), video_status, status, "caption_video_status", "Done.")
     demo.queue(default_concurrency_limit=2, max_size=64)
     return demo
+
+
+def _with_status(event: Any, box: gr.Markdown, status: StatusLog, api_name: str, done: str) -> None:
+    """After a tab's run: its status box says `done`, or why it failed (kept until the next run)."""
+    event.success(lambda: done, None, box, api_visibility="private")
+    event.failure(status.show, None, box, api_name=api_name, api_visibility="undocumented")
 
 
 def theme() -> gr.themes.Base:

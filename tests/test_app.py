@@ -388,3 +388,30 @@ def test_input_bounds_lie_within_the_cli_limits(app):
     with pytest.raises(Exception, match="Beam size: 0 is out of range: must be from 1 to 16"):
         ui.in_range(0, BEAM, "Beam size")
     assert ui.in_range(3.0, BEAM, "Beam size") == 3 and isinstance(ui.in_range(3.0, BEAM, "Beam size"), int)
+
+
+# --------------------------------------------------------------------------- status box ----
+def test_failure_reason_stays_in_the_status_box(app, tmp_path):
+    """Item 12: a failed run's reason is kept for the tab's status box (read here through the same session
+    as the failed call), not only in a toast; one per tab."""
+    from gradio_client import Client
+
+    from captioner import ui
+
+    ids = {getattr(b, "elem_id", None) for b in app[0].blocks.values() if isinstance(b, ui.gr.Markdown)}
+    assert {"image-status", "batch-status", "video-status"} <= ids
+    client = Client(app[1], verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+    audio = tmp_path / "sound.m4a"
+    from test_bad_inputs import audio_only
+
+    audio_only(audio)
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(audio)), 1.0, False, 1, api_name="/caption_video")
+    assert client.predict(api_name="/caption_video_status") == "**Failed:** sound.m4a: no video stream (audio only: aac)"
+    assert client.predict(api_name="/caption_video_status") == ""  # shown once, then cleared
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not an image")
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(bad)), 3, 8, 3, api_name="/caption")
+    message = client.predict(api_name="/caption_status")
+    assert message.startswith("**Failed:** notes.png: not an image"), message
