@@ -88,6 +88,8 @@ def log_probabilities(score: float, words: int, length_penalty: float) -> tuple[
     return total, total / tokens
 
 
+ATTENTION_LABEL = ("Attention: where the model looked for each word (each map scaled to its own minimum, dark blue, "
+                   "to maximum, red; upsampled bicubic over the image)")
 ALTERNATIVE_HEADERS = ["caption", "log-prob", "per word"]
 ALTERNATIVES_LABEL = ("Alternatives, best first (log-prob: natural log of the caption's probability, summed over "
                       "its words and the end token; per word: that sum / (words + 1), comparable across lengths)")
@@ -385,7 +387,7 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     alternatives = gr.Dataframe(headers=ALTERNATIVE_HEADERS, datatype=["str", "number", "number"],
                                                 label=ALTERNATIVES_LABEL, interactive=False, elem_id="alternatives",
                                                 wrap=True, column_widths=["70%", "15%", "15%"])
-                    attention = gr.Gallery(label="Attention: where the model looked for each word",
+                    attention = gr.Gallery(label=ATTENTION_LABEL,
                                            elem_id="attention", columns=4, height="auto", object_fit="contain",
                                            preview=False)
             image_status = gr.Markdown(elem_id="image-status")

@@ -174,6 +174,14 @@ def test_attention_overlay_shape_and_peak():
     assert out.shape == (70, 140, 3)
     hot, cold = out[5, 135], out[65, 5]
     assert hot[0] > hot[2] and cold[2] > cold[0]  # red where attended, blue elsewhere
+    # item 16: a one-hot map is one bright region, in its cell's corner
+    red = (out[..., 0] > out[..., 2] + 40)
+    ys, xs = np.nonzero(red)
+    assert red.any() and ys.max() < 70 * 2 / 7 and xs.min() > 140 * 5 / 7, (ys.max(), xs.min())
+    assert red.sum() > (140 / 7) * (70 / 7) / 2  # a smooth blob around the cell, not one blocky pixel
+    from captioner.ui import ATTENTION_LABEL
+
+    assert "own minimum" in ATTENTION_LABEL and "maximum, red" in ATTENTION_LABEL
 
 
 # ------------------------------------------------------------------------------ batch ------
