@@ -1,11 +1,12 @@
 # Two commands do everything on a fresh machine:
 #   make app    set up (first use only) and start the web app on the shipped model
-#   make test   set up (first use only) and run the test suite
+#   make test   set up (first use only), install Chromium and exiftool for the tests that use them where
+#               apt-get can, and run the test suite; .ci/run is exactly `make test`
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: app test setup browser clean
+.PHONY: app test setup browser tools clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +19,17 @@ $(VENV)/.installed: pyproject.toml
 app: setup
 	$(BIN)/python app.py
 
-test: setup
+test: setup tools
 	$(BIN)/python -m pytest -q
+
+# System tools some tests use, from Debian: Chromium (/usr/bin/chromium, the browser test) and exiftool
+# (--write-metadata and its independent read-back). Installed here when apt-get is there and we may use it (root);
+# otherwise one line says how, and the tests that need them skip with the same advice.
+TOOLS_HINT = run: sudo apt-get install chromium libimage-exiftool-perl; tests that need them will skip
+browser tools:
+	@{ test -x /usr/bin/chromium && command -v exiftool >/dev/null; } || { command -v apt-get >/dev/null && \
+	  [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium libimage-exiftool-perl >/dev/null; } \
+	  || echo "make: chromium or exiftool is missing ($(TOOLS_HINT))"
 
 clean:
 	rm -rf $(VENV) cache runs

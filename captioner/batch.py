@@ -2,7 +2,7 @@
 (library.py), and into the images' metadata (metadata.py).
 
 Library use (the Gradio app): `caption_files(cap, paths, CaptionJob(beam=3), on_batch=..., progress=...)`
-returns one dict per path, in order: {"path", "caption", "score", "alternatives", "error"}."""
+returns one dict per path, in order: {"path", "caption", "score", "alternatives", "error", "warning"}."""
 
 from __future__ import annotations
 
@@ -19,18 +19,19 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2 as T
-from tqdm import tqdm
 
+from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_common_args, add_model_args,
+                      add_search_args, outcome, search_kwargs, show_progress)
 from .errors import CaptionerError
-from .images import MAX_PIXELS, display_name, find_images, load_image, to_rgb
+from .images import MAX_PIXELS, display_name, find_images, load_image, size_warning, skipped_summary, to_rgb
 
-FIELDS = ("path", "caption", "score", "alternatives", "error")
+if TYPE_CHECKING:  # torch, torchvision and tqdm are imported when captioning starts, not to parse arguments
+    import torch
+
+FIELDS = ("path", "caption", "score", "alternatives", "error", "warning")
 FORMATS = ("csv", "jsonl")
 Row = dict[str, Any]
 
@@ -74,6 +75,8 @@ def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, in
     normalisation (ToDtype onwards) run once per batch in the main process, on the stacked uint8 crops,
     normalising in place: bit-identical, 0.06 instead of 0.9 ms of CPU per image (2-core Xeon), and 4x
     less data to pass from the loading processes."""
+    from torchvision.transforms import v2 as T
+
     steps = list(getattr(transform, "transforms", None) or [])
     sizes = [s.size for s in steps if isinstance(s, T.Resize) and s.size]
     min_side = min(sizes[0]) if sizes and isinstance(sizes[0], (list, tuple)) else int(sizes[0]) if sizes else 0
@@ -84,8 +87,9 @@ def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, in
     return T.Compose(steps[:cut]), T.Compose(tail), min_side
 
 
-class _Files(Dataset):
-    """Batch b of `paths`: (indices, preprocessed images or what `finish` makes of them, [(index, error)])."""
+class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __getitem__)
+    """Batch b of `paths`: (indices, preprocessed images or what `finish` makes of them, [(index, error)],
+    {index: warning} for images captioned with a warning, e.g. too small)."""
 
     def __init__(self, paths: Sequence[Path], batch_size: int, transform: Callable, per_batch: Callable | None,
                  min_side: int = 0, finish: Callable[[torch.Tensor], Any] | None = None) -> None:
@@ -95,23 +99,29 @@ class _Files(Dataset):
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch_size)
 
-    def _one(self, i: int) -> tuple[torch.Tensor | None, str]:
+    def _one(self, i: int) -> tuple[torch.Tensor | None, str, str]:
+        """(preprocessed image or None, error, warning)."""
         try:
-            return self.transform(_load(self.paths[i], self.min_side)), ""
+            image = _load(self.paths[i], self.min_side)
+            return self.transform(image), "", size_warning(image)
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
-            return None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": ")
+            return None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": "), ""
 
-    def __getitem__(self, b: int) -> tuple[list[int], Any, list[tuple[int, str]]]:
+    def __getitem__(self, b: int) -> tuple[list[int], Any, list[tuple[int, str]], dict[int, str]]:
+        import torch
+
         span = range(b * self.batch_size, min(len(self.paths), (b + 1) * self.batch_size))
         loaded = [(i, *self._one(i)) for i in span]
+        warnings = {i: w for i, _, _, w in loaded if w}
+        loaded = [(i, x, e) for i, x, e, _ in loaded]
         good = [(i, x) for i, x, _ in loaded if x is not None]
         x = torch.stack([x for _, x in good]) if good else None
         if x is not None and self.per_batch is not None:
             x = self.per_batch(x)
         if x is not None and self.finish is not None:
             x = self.finish(x)
-        return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None]
+        return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None], warnings
 
 
 def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob | None = None,
@@ -126,6 +136,9 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     that keeps both cores busy with no thread waiting on another. Encoding in the workers and searching
     here was slower (a third busy process: 136 vs 163 img/s greedy on 1,000 images, README "Speed").
     On CUDA the model stays here."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram)
@@ -139,14 +152,15 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     loader = DataLoader(files, batch_size=None, num_workers=job.workers)
     results: list[Row] = []
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
-        for idx, x, failed in loader:
-            rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err}
-                    for i, err in failed}
+        for idx, x, failed, warnings in loader:
+            rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err,
+                        "warning": ""} for i, err in failed}
             if x is not None:
                 found = x if in_workers else cap.caption_tensors(x, cfg)
                 for i, c in zip(idx, found):
                     rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
-                               "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": ""}
+                               "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": "",
+                               "warning": warnings.get(i, "")}
             batch = [rows[i] for i in sorted(rows)]
             results += batch
             if on_batch:
@@ -163,7 +177,7 @@ def _record(row: Row, alternatives: bool) -> Row:
     score = row["score"]
     return {"path": row["path"], "caption": row["caption"], "score": None if score is None else round(score, 4),
             "alternatives": [[t, round(s, 4)] for t, s in row["alternatives"]] if alternatives else [],
-            "error": row["error"] or None}
+            "error": row["error"] or None, "warning": row.get("warning") or None}
 
 
 def _dump(records: Sequence[Row], fmt: str, header: bool = False) -> str:
@@ -313,7 +327,6 @@ def merge_parts(out: Path, fmt: str, parts: list[Path], order: Sequence[Path], k
 
 # ------------------------------------------------------------------------------- CLI ------
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:
-    from .cli import _add_model_args, _add_search_args
     from .metadata import add_metadata_args
 
     p = sub.add_parser(
@@ -322,9 +335,8 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                     "With -o, rows (path, caption, score, alternatives, error) are appended and synced after every "
                     "batch, so a killed run loses nothing: rerun it with the same PATHs and --resume (rows are "
                     "matched by path). Unreadable files are reported on stderr and written with `error` set. "
-                    "Exit code 0: all captioned, 3: some inputs failed (or their metadata could not be written), "
-                    "2: usage error, 1: other errors (nothing could be done).",
-        epilog="Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
+                    "With --write-metadata or --sidecar, a file whose metadata could not be written counts as failed.",
+        epilog=EXIT_EPILOG + " Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
                "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
                "process 0 merges them into OUT in sorted order, deletes the parts and sets the exit code "
                "(torchrun reports any non-zero code as a failure).")
@@ -334,22 +346,49 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                    help="out.csv, out.jsonl, or library.sqlite: a SQLite library with a full-text index of the "
                         "captions (path, size, mtime, caption, alternatives, score, model, time), searched by "
                         "`captioner search`")
-    p.add_argument("--topk", type=int, default=None, help="also write the N best captions (alternatives; N <= --beam)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="image-loading processes (0 = in the main process; default %(default)s)")
+    p.add_argument("--topk", type=TOPK, default=None,
+                   help=f"also write the N best captions (alternatives; N <= --beam), {TOPK.describe()}")
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help=f"images per batch, {BATCH_SIZE.describe()} (default 32)")
+    p.add_argument("--workers", type=WORKERS, default=min(2, os.cpu_count() or 1),
+                   help=f"image-loading processes, {WORKERS.describe()} (0 = in the main process; default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in OUT, caption only the missing images (a .sqlite library also "
                         "re-captions changed photos and drops deleted ones); without -o, with --write-metadata or "
                         "--sidecar: skip the images that already carry captioner's description")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--compile", action="store_true",
                    help="CPU: encode with an ahead-of-time compiled encoder (~2x faster encoding; built once in "
                         "~20 s with a C++ compiler, then cached in CAPTIONER_CACHE or ~/.cache/captioner)")
     add_metadata_args(p)
-    _add_model_args(p)
-    _add_search_args(p)
-    p.set_defaults(func=run_caption, caption_parser=p)
+    add_model_args(p)
+    add_search_args(p)
+    add_common_args(p)
+    p.set_defaults(func=run_caption, check=check_caption_args, parser=p)
+
+
+def output_format(output: Path | None) -> str | None:
+    """csv, jsonl or sqlite by OUT's suffix (None without -o; anything else is returned for the usage error)."""
+    from .library import SUFFIXES
+
+    if output is None:
+        return None
+    return "sqlite" if output.suffix.lower() in SUFFIXES else output.suffix.lower().lstrip(".")
+
+
+def check_caption_args(args: argparse.Namespace) -> None:
+    """Options that do not go together: a UsageError (exit 2) before anything is loaded."""
+    from . import metadata
+
+    world, _ = _world()
+    fmt, tagging = output_format(args.output), args.write_metadata or args.sidecar
+    if args.output is not None and fmt not in (*FORMATS, "sqlite"):
+        raise UsageError(f"unknown output format {args.output.suffix or args.output.name!r}: use .csv, .jsonl or .sqlite")
+    if args.output is None and (args.resume and not tagging or world > 1):
+        raise UsageError("--resume and torchrun need -o OUT (--resume also works with --write-metadata or --sidecar)")
+    if fmt == "sqlite" and world > 1:
+        raise UsageError("a .sqlite library is written by one process: run without torchrun")
+    problem = metadata.usage_problem(args)
+    if problem:
+        raise UsageError(problem)
 
 
 def _world() -> tuple[int, int]:
@@ -358,10 +397,14 @@ def _world() -> tuple[int, int]:
 
 def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
     """Errors on stderr (around the progress bar); with stdout, PATH<TAB>caption (+ alternatives) lines."""
+    from tqdm import tqdm
+
     for r in rows:
         if r["error"]:
             tqdm.write(f"captioner: {display_name(r['path'])}: {r['error']}", file=sys.stderr)
-        elif stdout:
+        elif r.get("warning"):
+            tqdm.write(f"captioner: {display_name(r['path'])}: warning: {r['warning']}", file=sys.stderr)
+        if stdout and not r["error"]:
             print(f"{display_name(r['path'])}\t{r['caption']}", flush=True)
             for n, (text, score) in enumerate(r["alternatives"][1:] if alternatives else [], 2):
                 print(f"\t{n}. {text} ({score:.3f})", flush=True)
@@ -369,32 +412,18 @@ def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
 
 def run_caption(args: argparse.Namespace) -> int:
     from . import metadata
-    from .cli import _search_kwargs
-    from .library import SUFFIXES, LibraryWriter
+    from .library import LibraryWriter
     from .model import Captioner
 
     world, rank = _world()
     tagging = metadata.metadata_options(args)
-    fmt = None if args.output is None else "sqlite" if args.output.suffix.lower() in SUFFIXES else \
-        args.output.suffix.lower().lstrip(".")
-    problem = None
-    if args.output is not None and fmt not in (*FORMATS, "sqlite"):
-        problem = f"unknown output format {args.output.suffix or args.output.name!r}: use .csv, .jsonl or .sqlite"
-    elif args.output is None and (args.resume and not tagging or world > 1):
-        problem = "--resume and torchrun need -o OUT (--resume also works with --write-metadata or --sidecar)"
-    elif fmt == "sqlite" and world > 1:
-        problem = "a .sqlite library is written by one process: run without torchrun"
-    elif args.batch_size < 1 or args.workers < 0 or (args.topk is not None and args.topk < 1):
-        problem = "--batch-size and --topk must be >= 1, --workers >= 0"
-    else:
-        problem = metadata.usage_problem(args)
-    if problem:
-        args.caption_parser.print_usage(sys.stderr)
-        print(f"captioner caption: error: {problem}", file=sys.stderr)
-        return 2
-    paths, input_errors = find_images(args.inputs, args.recursive)
+    fmt = output_format(args.output)
+    skipped: list[Path] = []
+    paths, input_errors = find_images(args.inputs, args.recursive, skipped)
     for name, msg in input_errors if rank == 0 else []:
         print(f"captioner: {name}: {msg}", file=sys.stderr)
+    for p in skipped if rank == 0 and args.verbose else []:
+        print(f"captioner: skipped {display_name(p)} (not an image file by its extension)", file=sys.stderr)
     if not paths:
         raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
     exiftool = metadata.find_exiftool() if tagging else None  # before the model loads: fail fast
@@ -402,11 +431,13 @@ def run_caption(args: argparse.Namespace) -> int:
     cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device)
     if args.compile:
         cap.compile_encoder()
-    job = CaptionJob(**_search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
-                     progress_bar=not args.no_progress and rank == 0 and sys.stderr.isatty())
-    alternatives = cap.search_config(**_search_kwargs(args), topk=args.topk).topk > 1
+    job = CaptionJob(**search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                     progress_bar=show_progress(args) and rank == 0)
+    alternatives = cap.search_config(**search_kwargs(args), topk=args.topk).topk > 1
     stamps = metadata.stamps(paths[rank::world]) if tagging or fmt == "sqlite" else {}
     with contextlib.ExitStack() as stack:
+        from tqdm import tqdm
+
         note = partial(tqdm.write, file=sys.stderr)  # around the progress bar
         tagger = stack.enter_context(metadata.MetadataWriter(tagging, cap.model_id, stamps, exiftool,
                                                              notes=note)) if tagging else None
@@ -415,7 +446,7 @@ def run_caption(args: argparse.Namespace) -> int:
             done = tagger.done(paths) if args.resume else set()
             results = caption_files(cap, [p for p in paths if str(p) not in done], job,
                                     lambda rows: (tag(rows), _echo(rows, not args.dry_run, alternatives)))
-            return 3 if input_errors or any(r["error"] for r in results) else 0
+            return _finish(args, results, input_errors, skipped)
 
         out = args.output
         part = out.with_name(f"{out.name}.rank{rank}.part") if world > 1 else out
@@ -444,4 +475,21 @@ def run_caption(args: argparse.Namespace) -> int:
             rows = merge_parts(out, fmt, parts, paths, keep_existing=args.resume)
         finally:
             dist.destroy_process_group()
-    return 3 if input_errors or any(r["error"] for r in rows) else 0
+    return _finish(args, rows, input_errors, skipped)
+
+
+def _finish(args: argparse.Namespace, rows: list[Row], input_errors: list, skipped: list[Path]) -> int:
+    """The summary line on stderr (unless -q), then the exit code."""
+    failed = sum(1 for r in rows if r["error"]) + len(input_errors)
+    warned = sum(1 for r in rows if r.get("warning") and not r["error"])
+    if not args.quiet:
+        hint = "; -v lists them" if skipped and not args.verbose else ""
+        print(f"captioner: {len(rows) + len(input_errors) - failed} captioned ({warned} with a warning), "
+              f"{failed} failed, {skipped_summary(skipped)}{hint}", file=sys.stderr)
+    return _exit_code(rows, input_errors)
+
+
+def _exit_code(rows: list[Row], input_errors: list) -> int:
+    """0 all captioned, 3 some inputs failed, 1 none could be captioned (cliargs.outcome)."""
+    failed = sum(1 for r in rows if r["error"]) + len(input_errors)
+    return outcome(len(rows) + len(input_errors) - failed, failed)

@@ -1,74 +1,96 @@
 """`captioner` command line: caption, video, cache, train, evaluate, export.
 
-Exit codes: 0 success, 1 error (one line on stderr, no traceback), 2 usage error,
-3 some inputs failed (batch runs), 130 interrupted.
+Arguments are parsed and checked before anything heavy is imported (torch, timm, gradio: seconds), so
+`--help` and usage errors return at once; see cliargs.py for the shared options and the exit codes
+(0 all good, 1 nothing could be done, 2 usage error, 3 some inputs failed, 130 interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
 import sys
-from dataclasses import fields
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
+from .cliargs import (BEAM, EXIT_EPILOG, EXIT_INTERRUPTED, MAX_LEN, NON_NEGATIVE, POSITIVE, WORKERS, Parser, Range,
+                      UsageError, add_common_args, add_model_args, add_search_args, progress_disabled, search_kwargs,
+                      usage_error)
 from .errors import CaptionerError
 
 log = logging.getLogger("captioner")
 
 
-def _add_search_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's, usually 3)")
-    g.add_argument("--max-len", type=int, default=None, help="maximum caption length in words")
-    g.add_argument("--length-penalty", type=float, default=None, help="rank beams by logprob / len**P (default: model's)")
-    g.add_argument("--no-repeat-ngram", type=int, default=None, help="forbid repeating n-grams of this size")
-
-
-def _search_kwargs(args: argparse.Namespace) -> dict:
-    return {"beam": args.beam, "max_len": args.max_len, "length_penalty": args.length_penalty,
-            "no_repeat_ngram": args.no_repeat_ngram}
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (.pt); default: the model shipped in the package")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
-
-
 # --------------------------------------------------------------------------- train ------
-def _field_comments(cls: type) -> dict[str, str]:
-    """Each dataclass field's trailing `# comment` in the source: the one description of a setting."""
-    import inspect
-    import re
+# Allowed values of train's numeric settings (the others: any value of their type).
+TRAIN_RANGES: dict[str, Range] = {
+    "finetune": NON_NEGATIVE, "finetune_lr": Range(float, 0),
+    "views": POSITIVE, "text_ratio": Range(float, 0), "min_count": POSITIVE, "max_len": MAX_LEN,
+    "feat_proj": NON_NEGATIVE, "embed_dim": POSITIVE, "hidden_dim": POSITIVE, "attn_dim": POSITIVE,
+    "dropout": Range(float, 0, 1, hi_open=True), "epochs": POSITIVE, "batch_size": POSITIVE,
+    "lr": Range(float, 0, lo_open=True), "weight_decay": Range(float, 0), "alpha_c": Range(float, 0),
+    "label_smoothing": Range(float, 0, 1, hi_open=True), "grad_clip": Range(float, 0, lo_open=True),
+    "ema": Range(float, 0, 1, hi_open=True), "lr_factor": Range(float, 0, 1, lo_open=True),
+    "lr_patience": NON_NEGATIVE, "patience": POSITIVE, "beam": BEAM, "length_penalty": Range(float, 0, 5),
+    "seed": NON_NEGATIVE, "num_workers": WORKERS, "time_limit_min": Range(float, 0), "scst_samples": POSITIVE,
+    "scst_bleu": Range(float, 0), "ram_gb": Range(float, 0), "threads": Range(int, 0, 1024),
+}
+TRAIN_CHOICES: dict[str, tuple] = {"grid": (7, 14), "resize": ("crop", "squash")}
 
-    found = (re.match(r"\s+(\w+): [^#]+#\s*(.+)", line) for line in inspect.getsource(cls).splitlines())
-    return {m.group(1): m.group(2).strip() for m in found if m}
+
+def train_fields() -> list[tuple[str, Any, str]]:
+    """(name, default, description) of every TrainConfig field, read from train.py's source without
+    importing it: the description is the field's trailing `# comment`, the one description of a setting."""
+    source = Path(find_spec(".train", __package__).origin).read_text(encoding="utf-8")
+    lines = source.splitlines()
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+    found = []
+    for node in cls.body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name) or node.value is None:
+            continue
+        try:
+            default = ast.literal_eval(node.value)
+        except ValueError:  # field(default_factory=...): not a command-line setting
+            continue
+        line = lines[node.lineno - 1]
+        found.append((node.target.id, default, line.split("#", 1)[1].strip() if "#" in line else ""))
+    return found
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig
-
-    p = sub.add_parser("train", help="train a captioning model on cached encoder features",
+    p = sub.add_parser("train", help="train a captioning model on cached encoder features", epilog=EXIT_EPILOG,
                        description="Train the attention decoder on one or more datasets (one shared vocabulary). "
                                    "Features of the frozen encoder are cached under --cache-dir. Early stopping "
                                    "on validation BLEU-4 from beam decoding. Works under torchrun (DDP).")
     p.add_argument("--data", action="append", required=True, metavar="[KIND:]PATH",
                    help="dataset, repeatable; KIND: karpathy, flickr8k, coco, table (csv/jsonl); detected if omitted")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    defaults, notes = TrainConfig(), _field_comments(TrainConfig)
-    for f in fields(TrainConfig):
-        if f.name == "data":
-            continue
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default, metavar="BOOL",
-                           help=f"{notes.get(f.name, '')} (default: {default})")
+    for name, default, note in train_fields():
+        flag = "--" + name.replace("_", "-")
+        limit = TRAIN_RANGES.get(name)
+        if name in TRAIN_CHOICES:
+            p.add_argument(flag, type=type(default), choices=TRAIN_CHOICES[name], default=default,
+                           help=f"{note} (default: {default})")
+        elif isinstance(default, bool):
+            p.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=f"{note} (default: {default})")
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{notes.get(f.name, '')} (default: {default})")
-    p.set_defaults(func=_run_train)
+            rng = f", {limit.describe()}" if limit else ""
+            p.add_argument(flag, type=limit or type(default), default=default,
+                           help=f"{note} (default: {default}{rng})".replace("%", "%%"))
+    add_common_args(p)
+    p.set_defaults(func=_run_train, parser=p)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -89,21 +111,20 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
                                    "BatchNorm folded (the same on every CPU). Run it alone so that encoding and "
                                    "training can happen on different machines or at different thread counts.")
     p.add_argument("--data", action="append", required=True, metavar="[KIND:]PATH", help="dataset(s), as for train")
-    p.add_argument("--views", type=int, default=1, help="cached views of each training image (default: 1)")
+    p.add_argument("--views", type=POSITIVE, default=1, help=f"cached views of each training image, {POSITIVE.describe()} (default: 1)")
     p.add_argument("--encoder", default="efficientnet_lite0", help="encoder name, as for train")
     p.add_argument("--grid", type=int, default=7, choices=(7, 14), help="annotation grid (default: 7)")
     p.add_argument("--resize", default="crop", choices=("crop", "squash"), help="how images become square (default: crop)")
     p.add_argument("--cache-dir", default="cache", help="cache folder (default: cache)")
-    p.add_argument("--workers", type=int, default=2, help="image-loading processes (default: 2)")
+    p.add_argument("--workers", type=WORKERS, default=2, help=f"image-loading processes, {WORKERS.describe()} (default: 2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
-    p.set_defaults(func=_run_cache)
+    add_common_args(p)
+    p.set_defaults(func=_run_cache, parser=p)
 
 
 def _run_cache(args: argparse.Namespace) -> int:
     from .train import TrainConfig, cache_all
 
-    if args.views < 1:
-        raise CaptionerError("--views must be at least 1")
     cfg = TrainConfig(data=args.data, encoder=args.encoder, grid=args.grid, resize=args.resize, views=args.views,
                       cache_dir=args.cache_dir, num_workers=args.workers, device=args.device)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -126,21 +147,23 @@ def _run_cache(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="decode a split and print BLEU-1..4 (+ CIDEr-D, ROUGE-L)",
                        description="Decode every image of a split, write per-image predictions (JSONL) and print "
-                                   "coco-caption compatible BLEU-1..4 (0-1 scale), nltk BLEU, CIDEr-D and ROUGE-L.")
+                                   "coco-caption compatible BLEU-1..4 (0-1 scale), nltk BLEU, CIDEr-D and ROUGE-L.",
+                       epilog=EXIT_EPILOG)
     p.add_argument("--data", action="append", required=True, metavar="[KIND:]PATH", help="dataset(s), as for train")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("-o", "--output", type=Path, default=None, help="per-image predictions (JSONL)")
     p.add_argument("--baseline", action="store_true", help="also score the nearest-neighbour baseline")
     p.add_argument("--cache-dir", type=Path, default=Path("cache"))
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=WORKERS, default=2, help=f"image-loading processes, {WORKERS.describe()} (default 2)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--meteor", action="store_true", help="also METEOR (pycocoevalcap's jar; needs Java)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="encoder precision: fp32 (default: the same features, so the same scores, on every CPU, "
                         "as training caches them) or bf16 (what `caption` runs on CPUs with AMX / AVX512-BF16)")
-    _add_model_args(p)
-    _add_search_args(p)
-    p.set_defaults(func=_run_evaluate)
+    add_model_args(p)
+    add_search_args(p)
+    add_common_args(p)
+    p.set_defaults(func=_run_evaluate, parser=p)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -151,8 +174,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     cap = Captioner.load(args.model, args.device, prepare=False)  # fp32: the features training cached
     cap.encoder.prepare_inference(cap.device, bf16=args.precision == "bf16")
     res = evaluate(cap, args.data, args.split, args.output, args.cache_dir, args.workers, meteor=args.meteor,
-                   **_search_kwargs(args))
-    report = {"split": res.split, "images": res.images, "beam": cap.search_config(**_search_kwargs(args)).beam,
+                   **search_kwargs(args))
+    report = {"split": res.split, "images": res.images, "beam": cap.search_config(**search_kwargs(args)).beam,
               "precision": args.precision, "model": res.scores}
     if args.baseline:
         report["nearest_neighbour"] = nearest_neighbour(cap, args.data, args.split, args.cache_dir, args.workers).scores
@@ -170,37 +193,39 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------- export ------
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="strip a training checkpoint to a small fp16 model file")
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
+    p = sub.add_parser("export", help="strip a training checkpoint to a small fp16 model file", epilog=EXIT_EPILOG,
+                       description="Write SRC's decoder, vocabulary and settings (no optimiser state) to DST, "
+                                   "fp16 unless --fp32; the decoding options become DST's defaults.")
+    p.add_argument("src", type=Path, help="a training checkpoint (best.pt, last.pt)")
+    p.add_argument("dst", type=Path, help="the model file to write")
     p.add_argument("--fp32", action="store_true", help="keep fp32 weights")
-    _add_search_args(p)
-    p.set_defaults(func=_run_export)
+    add_search_args(p)
+    add_common_args(p)
+    p.set_defaults(func=_run_export, parser=p)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from .train import export
 
-    overrides = {k: v for k, v in _search_kwargs(args).items() if v is not None}
+    overrides = {k: v for k, v in search_kwargs(args).items() if v is not None}
     dst = export(args.src, args.dst, half=not args.fp32, search_overrides=overrides)
     print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="captioner",
-        description="Offline image and video captioning (EfficientNet-Lite encoder + Show-Attend-Tell decoder). "
-                    "Run `captioner COMMAND --help` for each command.")
     from . import __version__
-
-    parser.add_argument("--version", action="version", version=f"captioner {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from .batch import add_caption_parser
     from .library import add_search_parser
     from .videocli import add_video_parser
 
+    parser = Parser(
+        prog="captioner", epilog=EXIT_EPILOG,
+        description="Offline image and video captioning (EfficientNet-Lite encoder + Show-Attend-Tell decoder). "
+                    "Run `captioner COMMAND --help` for each command.")
+    parser.add_argument("--version", action="version", version=f"captioner {__version__}")
+    add_common_args(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_caption_parser(sub)
     add_search_parser(sub)
     add_video_parser(sub)
@@ -211,19 +236,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level(args: argparse.Namespace) -> int:
+    return logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, check, then run the command: returns its exit code (cliargs.EXIT_CODES); nothing heavy is
+    imported before the arguments are known to be valid."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    args = None
     try:
-        return int(args.func(args) or 0)
+        args = parser.parse_args(argv)
+        check = getattr(args, "check", None)
+        if check is not None:
+            check(args)  # options that do not go together: UsageError
+    except UsageError as exc:
+        return usage_error(exc.parser or getattr(args, "parser", parser), str(exc))
+    logging.basicConfig(level=_log_level(args), format="%(message)s")
+    try:
+        with progress_disabled(args.no_progress):
+            return int(args.func(args) or 0)
     except CaptionerError as exc:
         print(f"captioner: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("captioner: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

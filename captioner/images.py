@@ -14,7 +14,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import IO
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import CaptionerError
@@ -22,6 +21,7 @@ from .errors import CaptionerError
 PathLike = str | os.PathLike[str]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # PIL decoders we accept (JPEG covers MPO)
+MIN_SIDE = 32  # pixels: a smaller image is captioned, with a warning (the encoder sees mostly upsampling)
 MAX_PIXELS = 64 * 2**20  # 8192 x 8192; larger headers are refused before any pixel is allocated
 _SNIFF = ((0, b"8BPS", "Photoshop PSD"), (4, b"ftyp", "HEIC/AVIF"), (0, b"%PDF", "PDF"), (0, b"PK\x03\x04", "zip archive"))
 
@@ -43,6 +43,8 @@ def _one_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------------- decoding -------
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
     """16/32-bit int or float grey -> 8-bit L by scaling (clipping would turn most images white)."""
+    import numpy as np  # here, not at import: the CLI parses its arguments without numpy
+
     a = np.nan_to_num(np.asarray(img, dtype=np.float64))
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and 255 < hi <= 65535):
@@ -119,6 +121,14 @@ def load_image(path: PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ImageError(f"{name}: read error ({exc.strerror or _one_line(exc)})") from None
 
 
+def size_warning(image: Image.Image, min_side: int = MIN_SIDE) -> str:
+    """'' for a normal image; a one-line warning for one smaller than min_side pixels on a side."""
+    w, h = image.size
+    if min(w, h) >= min_side:
+        return ""
+    return f"only {w}x{h} pixels (under {min_side} on a side): the caption is unreliable"
+
+
 def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Like load_image, for bytes already in memory (uploads)."""
     return _decode(io.BytesIO(data), display_name(name), max_pixels)
@@ -172,28 +182,50 @@ def _glob(pattern: str, recursive: bool, errors: list[tuple[str, str]]) -> list[
     return [p for p in _walk(root, depth, errors) if _match(p.relative_to(root).parts, pats)]
 
 
-def find_images(inputs: Sequence[PathLike], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
+def find_images(inputs: Sequence[PathLike], recursive: bool = False,
+                skipped: list[Path] | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files, folders (image extensions only; subfolders if recursive) and glob patterns
     (`*`, `?`, `[...]`, `**` if recursive). A file named explicitly is kept whatever its extension.
     Hidden files and folders are skipped; symlinked folders are followed, each real folder once.
-    Returns (paths sorted by string, de-duplicated; [(input, error)] for inputs that gave nothing)."""
+    Returns (paths sorted by string, de-duplicated; [(input, error)] for inputs that gave nothing).
+    `skipped`, when given, receives the files a folder or pattern held that are not images by their
+    extension (e.g. .heic, .svg, .txt), sorted."""
     found: set[Path] = set()
+    others: set[Path] = set()
     errors: list[tuple[str, str]] = []
-    is_image = lambda p: p.suffix.lower() in IMAGE_EXTENSIONS  # noqa: E731
+
+    def keep(p: Path) -> bool:
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            return True
+        others.add(p)
+        return False
+
     for raw in inputs:
         text = os.fsdecode(raw)
         if os.path.isdir(text):
-            found.update(p for p in _walk(Path(text), float("inf") if recursive else 0, errors) if is_image(p))
+            found.update(p for p in _walk(Path(text), float("inf") if recursive else 0, errors) if keep(p))
         elif os.path.lexists(text):
             found.add(Path(text))
         elif any(c in text for c in "*?["):
-            matches = [p for p in _glob(text, recursive, errors) if is_image(p)]
+            matches = [p for p in _glob(text, recursive, errors) if keep(p)]
             if not matches:
                 errors.append((display_name(text), "no image files match this pattern"))
             found.update(matches)
         else:
             errors.append((display_name(text), "no such file or folder"))
+    if skipped is not None:
+        skipped += sorted(others - found, key=str)
     return sorted(found, key=str), errors
+
+
+def skipped_summary(skipped: Sequence[Path]) -> str:
+    """'3 skipped (2 .heic, 1 .svg)': counts by extension, most common first."""
+    counts: dict[str, int] = {}
+    for p in skipped:
+        kind = p.suffix.lower() or "no extension"
+        counts[kind] = counts.get(kind, 0) + 1
+    kinds = sorted(counts, key=lambda k: (-counts[k], k))
+    return f"{len(skipped)} skipped ({', '.join(f'{counts[k]} {k}' for k in kinds)})" if skipped else "0 skipped"
 
 
 # ---------------------------------------------------------------------------- archives -------

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -57,20 +58,91 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise
 
 
+TORCH_ZIP = (b"PK\x03\x04",)  # torch.save's format since 1.6: a zip archive
+# torch.save's legacy format opens with a pickled magic number (protocol 2, LONG1 0x1950a86a20f9469cfc6c)
+TORCH_LEGACY = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def _pickle_globals(path: Path) -> list[str] | None:
+    """The module.name globals a plain pickle would import (read with pickletools: nothing is run), or None
+    when the file is not a readable pickle."""
+    import pickletools
+
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(str(arg))
+                elif op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(".".join(strings[-2:]))
+    except Exception:  # noqa: BLE001 - not a pickle, or cut short
+        return None
+    return found
+
+
+def _sniff(path: Path) -> str:
+    """'zip' (torch.save), 'legacy' (old torch.save), 'pickle' (a plain pickle.dump) or 'unknown'."""
+    with open(path, "rb") as f:
+        head = f.read(len(TORCH_LEGACY))
+    if head.startswith(TORCH_ZIP):
+        return "zip"
+    if head.startswith(TORCH_LEGACY):
+        return "legacy"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "unknown"
+
+
+def _refuse_pickle(path: Path) -> CaptionerError:
+    names = _pickle_globals(path)
+    if names is None:
+        return CaptionerError(f"{path} is not a valid captioner checkpoint (a corrupt or truncated pickle)")
+    if names:
+        return CaptionerError(f"refused to load {path}: it contains pickled Python code or objects ({names[0]}), "
+                              "not plain weights; only weights are ever loaded")
+    return CaptionerError(f"refused to load {path}: it is a plain Python pickle, not a torch.save checkpoint "
+                          "(only torch.save files of plain weights are loaded)")
+
+
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """The checkpoint dict, loaded with weights_only=True; every problem is one CaptionerError line that says
+    what the file is (missing, a folder, not a PyTorch file, a plain pickle, pickled code, corrupt)."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))[:3]
+        hint = f" (it holds {', '.join(inside)}: pass one of them)" if inside else ""
+        raise CaptionerError(f"{path} is a folder, not a model file{hint}")
     if not path.is_file():
         raise CaptionerError(f"model file not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        kind = _sniff(path)
+    except OSError as exc:
+        raise CaptionerError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if kind == "pickle":
+        raise _refuse_pickle(path)
+    if kind == "unknown" and path.stat().st_size == 0:
+        raise CaptionerError(f"{path} is not a PyTorch checkpoint: empty file (0 bytes)")
+    if kind == "unknown":
+        raise CaptionerError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle: "
+                             "wrong file, or corrupt)")
+    try:
+        with warnings.catch_warnings():  # torch's own advice (e.g. on pickle protocols) is not the user's business
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported" in str(exc):
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found or "Unsupported global" in str(exc):
             # not torch's text: it explains how to load the file anyway, running whatever code it holds
-            found = re.search(r"GLOBAL (\S+)", str(exc))
             what = f" ({found.group(1)})" if found else ""
             raise CaptionerError(f"refused to load {path}: it contains pickled Python code or objects{what}, "
                                  "not plain weights; only weights are ever loaded") from None
+        if "weights_only" in str(exc) or "Unsupported" in str(exc):
+            raise CaptionerError(f"{path} is not a valid captioner checkpoint (corrupt: its pickled data cannot "
+                                 "be read as plain weights)") from None
         raise CaptionerError(f"{path} is not a valid captioner checkpoint (corrupt or truncated): {first[:200]}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         detail = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0][:200]

@@ -13,6 +13,7 @@ Nothing here leaves the machine: analytics are off, fonts are Gradio's bundled o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import json
@@ -29,6 +30,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .cliargs import BEAM, EVERY, MAX_LEN, TOPK, Range  # noqa: E402
 from .errors import CaptionerError  # noqa: E402
 from .images import IMAGE_EXTENSIONS  # noqa: E402
 from .model import Captioner  # noqa: E402
@@ -78,6 +80,21 @@ def attention_overlay(image: Image.Image, attention: np.ndarray, alpha: float = 
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
+def log_probabilities(score: float, words: int, length_penalty: float) -> tuple[float, float]:
+    """(log P(caption), its average per token) from a beam's ranking score = log P / (words + 1)**penalty
+    (search.py; the + 1 is the end token). The average is comparable across caption lengths, the sum is not."""
+    tokens = words + 1
+    total = float(score) * tokens ** length_penalty
+    return total, total / tokens
+
+
+ATTENTION_LABEL = ("Attention: where the model looked for each word (each map scaled to its own minimum, dark blue, "
+                   "to maximum, red; upsampled bicubic over the image)")
+ALTERNATIVE_HEADERS = ["caption", "log-prob", "per word"]
+ALTERNATIVES_LABEL = ("Alternatives, best first (log-prob: natural log of the caption's probability, summed over "
+                      "its words and the end token; per word: that sum / (words + 1), comparable across lengths)")
+
+
 def _fit(image: Image.Image, side: int) -> Image.Image:
     image = image.convert("RGB")
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
@@ -104,6 +121,34 @@ class WorkDir:
         return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.root))
 
 
+class StatusLog:
+    """The last failure of each browser session, shown in the tab's status box: a gr.Error's toast fades
+    after a few seconds, the box keeps the reason until the next run of that tab."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def reporting(self, request: gr.Request | None) -> Any:
+        try:
+            yield
+        except gr.Error as exc:
+            self._record(request, str(exc.message))
+            raise
+        except Exception:
+            self._record(request, "unexpected error (details in the server log)")
+            raise
+
+    def _record(self, request: gr.Request | None, message: str) -> None:
+        if request is not None and request.session_hash:
+            self._last[request.session_hash] = message
+
+    def show(self, request: gr.Request) -> str:
+        """The status box's text after a failed run (and the /*_status API: the caller's last failure)."""
+        message = self._last.pop(getattr(request, "session_hash", None) or "", None)
+        return f"**Failed:** {message}" if message else ""
+
+
 def user_error(message: str, title: str = "Error") -> gr.Error:
     """An error the user caused (shown in the page, no traceback in the server log)."""
     return gr.Error(message, title=title, print_exception=False)
@@ -126,6 +171,15 @@ def _user_message(exc: BaseException, path: str | Path | None = None) -> str:
     if path is not None:
         text = text.replace(str(path), Path(path).name)
     return html.escape(text, quote=False)
+
+
+def in_range(value: Any, limit: Range, label: str) -> int | float:
+    """An input's value checked against the CLI's limit for it (cliargs): the sliders keep a browser inside
+    them, this keeps API calls (gradio_client, curl) there too."""
+    try:
+        return limit.check(value)
+    except ValueError as exc:
+        raise user_error(f"{label}: {html.escape(str(exc))}", title="Invalid input") from None
 
 
 def _mmss(t: float) -> str:
@@ -160,10 +214,12 @@ def raw_upload(image: gr.Image) -> gr.Image:
 # ------------------------------------------------------------------------ the tabs -------
 def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> Callable:
     def caption(image: str | None, beam: float, max_len: float, topk: float):
-        """Caption one image. Returns the caption, a table of alternatives (caption, score) and one
+        """Caption one image. Returns the caption, a table of alternatives (caption, log-prob, per word) and one
         attention heat map per word (gallery items labelled with the word)."""
         from .images import ImageError, load_image
 
+        beam, max_len, topk = (in_range(beam, BEAM, "Beam size"), in_range(max_len, MAX_LEN, "Max length"),
+                               in_range(topk, TOPK, "Alternatives"))
         if not image:
             raise user_error("Upload an image first (or pick an example).")
         _check_size(image, max_image_bytes)
@@ -175,7 +231,9 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
             c = cap.caption([pil], beam=int(beam), max_len=int(max_len), topk=int(topk))[0]
         except CaptionerError as exc:
             raise user_error(_user_message(exc)) from None
-        alternatives = [[text, round(float(score), 4)] for text, score in c.alternatives]
+        penalty = cap.search_cfg.length_penalty
+        alternatives = [[text, *(round(v, 3) for v in log_probabilities(score, len(text.split()), penalty))]
+                        for text, score in c.alternatives]
         small = _fit(pil, OVERLAY_SIDE)
         maps = [(attention_overlay(small, att), word) for word, att in zip(c.words, c.attention)]
         return c.text, alternatives, maps
@@ -196,6 +254,7 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
         from .images import ImageError, is_zip, safe_extract_zip, to_rgb
         from .library import LibraryWriter
 
+        beam = in_range(beam, BEAM, "Beam size")
         paths = _file_list(files)
         if not paths:
             raise user_error("Upload some images or a .zip of images first.")
@@ -208,8 +267,9 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
                     dest.mkdir()
                     try:
                         members = safe_extract_zip(p, dest, max_files=max_zip_files, max_total_bytes=max_zip_bytes)
-                    except ImageError as exc:
-                        raise user_error(_user_message(exc, p), title="Archive refused") from None
+                    except ImageError as exc:  # an unsafe or bomb archive is one error row; the rest goes on
+                        items.append((p, p.name, " ".join(str(exc).replace(str(p), p.name).split())))
+                        continue
                     items += [(m, f"{p.name}/{m.relative_to(dest).as_posix()}", "") for m in sorted(members)]
                 else:
                     size = p.stat().st_size
@@ -266,9 +326,10 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
         Returns the sampled frames (gallery, "mm:ss.s caption"), the segments table and SRT and VTT files."""
         from .video import VideoError, probe, tag_video, write_srt, write_vtt
 
+        beam = in_range(beam, BEAM, "Beam size")
+        every = in_range(float(every or 0), EVERY, "Sample every (seconds)")
         if not video:
             raise user_error("Upload a video first.")
-        every = float(every or 0)
         if every <= 0 and not scenes:
             raise user_error("The sampling interval must be > 0 seconds (or 0 with scene changes on).")
         out = work.new("video")
@@ -305,8 +366,9 @@ def example_images() -> list[str]:
 def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zip_files: int = MAX_ZIP_FILES,
                max_zip_bytes: int = MAX_ZIP_BYTES, max_video_frames: int = MAX_VIDEO_FRAMES) -> gr.Blocks:
     """The Blocks app around one loaded `Captioner` (shared by every tab and request)."""
-    work = WorkDir()
+    work, status = WorkDir(), StatusLog()
     beam0, len0 = cap.search_cfg.beam, cap.search_cfg.max_len
+    beam_max, len_max = min(int(BEAM.hi), max(8, beam0)), min(int(MAX_LEN.hi), max(40, len0))
     enc = cap.config.get("encoder", {}).get("name", "?")
 
     with gr.Blocks(title="captioner", delete_cache=(3600, 3600)) as demo:
@@ -319,9 +381,9 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     image = raw_upload(gr.Image(type="filepath", image_mode=None, label="Image", height=340,
                                                 sources=["upload", "webcam", "clipboard"], elem_id="image-input"))
                     with gr.Row():
-                        beam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size",
+                        beam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size",
                                          info="1 = greedy")
-                        max_len = gr.Slider(3, max(40, len0), value=len0, step=1, label="Max length (words)")
+                        max_len = gr.Slider(3, len_max, value=len0, step=1, label="Max length (words)")
                         topk = gr.Slider(1, 8, value=3, step=1, label="Alternatives", info="top-N beams")
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     examples = example_images()
@@ -330,22 +392,28 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                                     examples_per_page=8)
                 with gr.Column(scale=1):
                     caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption", lines=1)
-                    alternatives = gr.Dataframe(headers=["caption", "score"], datatype=["str", "number"],
-                                                label="Alternatives (length-normalised log-probability)",
-                                                interactive=False, elem_id="alternatives", wrap=True,
-                                                column_widths=["80%", "20%"])
-                    attention = gr.Gallery(label="Attention: where the model looked for each word",
+                    alternatives = gr.Dataframe(headers=ALTERNATIVE_HEADERS, datatype=["str", "number", "number"],
+                                                label=ALTERNATIVES_LABEL, interactive=False, elem_id="alternatives",
+                                                wrap=True, column_widths=["70%", "15%", "15%"])
+                    attention = gr.Gallery(label=ATTENTION_LABEL,
                                            elem_id="attention", columns=4, height="auto", object_fit="contain",
                                            preview=False)
-            run.click(caption_image_fn(cap, max_image_bytes), [image, beam, max_len, topk],
-                      [caption, alternatives, attention], api_name="caption")
+            image_status = gr.Markdown(elem_id="image-status")
+            caption_one = caption_image_fn(cap, max_image_bytes)
+
+            def image_fn(image: str | None, beam: float, max_len: float, topk: float, request: gr.Request):
+                with status.reporting(request):
+                    return caption_one(image, beam, max_len, topk)
+
+            _with_status(run.click(image_fn, [image, beam, max_len, topk], [caption, alternatives, attention],
+                                   api_name="caption"), image_status, status, "caption_status", "Captioned.")
 
         with gr.Tab("Batch", id="batch"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1):
                     files = gr.File(file_count="multiple", label="Images and/or .zip archives of images",
                                     elem_id="batch-files", height=200)
-                    bbeam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size")
+                    bbeam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size")
                     brun = gr.Button("Caption all", variant="primary", elem_id="batch-button")
                     csv_out = gr.File(label="CSV (file, caption, score, error)", elem_id="batch-csv",
                                       interactive=False)
@@ -358,8 +426,16 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     table = gr.Dataframe(headers=BATCH_HEADERS, datatype=["str", "str", "number", "str"],
                                          label="Captions", interactive=False, elem_id="batch-table", wrap=True,
                                          column_widths=["20%", "42%", "12%", "26%"])
-            brun.click(caption_batch_fn(cap, work, max_zip_files, max_zip_bytes, max_image_bytes), [files, bbeam],
-                       [thumbs, table, csv_out, jsonl_out, sqlite_out], api_name="caption_batch")
+            batch_status = gr.Markdown(elem_id="batch-status")
+            caption_many = caption_batch_fn(cap, work, max_zip_files, max_zip_bytes, max_image_bytes)
+
+            def batch_fn(files: list[str] | None, beam: float, request: gr.Request, progress=gr.Progress()):
+                with status.reporting(request):
+                    return caption_many(files, beam, progress)
+
+            _with_status(brun.click(batch_fn, [files, bbeam], [thumbs, table, csv_out, jsonl_out, sqlite_out],
+                                    api_name="caption_batch"), batch_status, status, "caption_batch_status",
+                         "Done: see the table (files that failed have an error).")
 
         with gr.Tab("Video", id="video"):
             with gr.Row(equal_height=False):
@@ -367,9 +443,10 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     video = gr.Video(label="Video", sources=["upload"], include_audio=True, height=280,
                                      elem_id="video-input")
                     with gr.Row():
-                        every = gr.Number(value=1.0, minimum=0, label="Sample every (seconds)", step=0.5)
+                        every = gr.Number(value=1.0, minimum=EVERY.lo, maximum=EVERY.hi, label="Sample every (seconds)",
+                                          step=0.5)
                         scenes = gr.Checkbox(value=False, label="Also sample on scene changes")
-                    vbeam = gr.Slider(1, max(8, beam0), value=beam0, step=1, label="Beam size")
+                    vbeam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size")
                     vrun = gr.Button("Caption video", variant="primary", elem_id="video-button")
                     srt_out = gr.File(label="SRT subtitles", elem_id="video-srt", interactive=False)
                     vtt_out = gr.File(label="WebVTT subtitles", elem_id="video-vtt", interactive=False)
@@ -379,10 +456,24 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     segments = gr.Dataframe(headers=SEGMENT_HEADERS, datatype=["number", "number", "str", "str"],
                                             label="Segments (seconds)", interactive=False, elem_id="video-segments",
                                             wrap=True)
-            vrun.click(caption_video_fn(cap, work, max_video_frames), [video, every, scenes, vbeam],
-                       [frames, segments, srt_out, vtt_out], api_name="caption_video")
+            video_status = gr.Markdown(elem_id="video-status")
+            caption_clip = caption_video_fn(cap, work, max_video_frames)
+
+            def video_fn(video: str | None, every: float, scenes: bool, beam: float, request: gr.Request,
+                         progress=gr.Progress()):
+                with status.reporting(request):
+                    return caption_clip(video, every, scenes, beam, progress)
+
+            _with_status(vrun.click(video_fn, [video, every, scenes, vbeam], [frames, segments, srt_out, vtt_out],
+                                    api_name="caption_video"), video_status, status, "caption_video_status", "Done.")
     demo.queue(default_concurrency_limit=2, max_size=64)
     return demo
+
+
+def _with_status(event: Any, box: gr.Markdown, status: StatusLog, api_name: str, done: str) -> None:
+    """After a tab's run: its status box says `done`, or why it failed (kept until the next run)."""
+    event.success(lambda: done, None, box, api_visibility="private")
+    event.failure(status.show, None, box, api_name=api_name, api_visibility="undocumented")
 
 
 def theme() -> gr.themes.Base:

@@ -86,7 +86,7 @@ def _open(path: str | Path) -> Iterator[tuple[av.container.InputContainer, av.vi
         raise VideoError(f"{p}: not a readable video (truncated, corrupt or unknown format: {why(exc)})") from exc
     try:
         if not container.streams.video:
-            raise VideoError(f"{p}: no video stream (audio-only or data file)")
+            raise VideoError(f"{p}: {_no_video(container)}")
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise VideoError(f"{p}: unsupported video codec")
@@ -96,6 +96,19 @@ def _open(path: str | Path) -> Iterator[tuple[av.container.InputContainer, av.vi
         raise VideoError(f"{p}: cannot decode video (truncated, corrupt or unsupported codec: {why(exc)})") from exc
     finally:
         container.close()
+
+
+def _no_video(container: av.container.InputContainer) -> str:
+    """Why a container that opened has no video stream: audio only, other streams only, or none readable."""
+    streams = list(container.streams)
+    if not streams:
+        return ("no video stream: no readable stream at all (the container's index is corrupt, or the video "
+                "track has no frames)")
+    kinds = sorted({s.type for s in streams})
+    if kinds == ["audio"]:
+        return "no video stream (audio only: " + ", ".join(sorted({s.codec_context.name for s in streams
+                                                                   if s.codec_context})) + ")"
+    return f"no video stream (only {', '.join(kinds)} streams)"
 
 
 def _decode(container: av.container.InputContainer, stream, t0: float) -> Iterator[tuple[float, av.VideoFrame]]:

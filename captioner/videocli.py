@@ -3,34 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
+from .cliargs import (BATCH_SIZE, EVERY, EXIT_EPILOG, MAX_FRAMES, SCENE_THRESHOLD, SIMILARITY, UsageError,
+                      add_common_args, add_model_args, add_search_args, outcome, search_kwargs, show_progress)
 from .errors import CaptionerError
+
+OUTPUTS = (".srt", ".vtt", ".json", ".csv")
 
 
 def add_video_parser(sub: argparse._SubParsersAction) -> None:
-    from .cli import _add_model_args, _add_search_args
-
     p = sub.add_parser(
         "video", help="tag the frames of videos with timestamped captions",
         description="Sample frames every --every seconds (stream timestamps; seeks when sampling is sparse), "
                     "caption them in batches, merge consecutive frames whose captions agree into segments, and "
-                    "tag each segment with its content words. A bad video is reported and the others still run.")
+                    "tag each segment with its content words. A bad video is reported and the others still run.",
+        epilog=EXIT_EPILOG)
     p.add_argument("videos", nargs="+", type=Path, metavar="FILE")
-    p.add_argument("--every", type=float, default=1.0, help="seconds between sampled frames (default 1.0)")
+    p.add_argument("--every", type=EVERY, default=1.0,
+                   help=f"seconds between sampled frames, {EVERY.describe()} (0 only with --scenes; default 1.0)")
     p.add_argument("--scenes", action="store_true", help="also sample on scene changes")
-    p.add_argument("--scene-threshold", type=float, default=0.3, help="scene change threshold, 0-1 (default 0.3)")
-    p.add_argument("--similarity", type=float, default=1.0,
-                   help="merge consecutive captions whose word overlap (Jaccard) is at least this (1.0 = exact)")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames per video")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--scene-threshold", type=SCENE_THRESHOLD, default=0.3,
+                   help=f"scene change threshold, {SCENE_THRESHOLD.describe()} (default 0.3)")
+    p.add_argument("--similarity", type=SIMILARITY, default=1.0,
+                   help="merge consecutive captions whose word overlap (Jaccard) is at least this, "
+                        f"{SIMILARITY.describe()} (1.0 = exact)")
+    p.add_argument("--max-frames", type=MAX_FRAMES, default=None, help="stop after this many sampled frames per video")
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=16, help=f"frames per batch, {BATCH_SIZE.describe()}")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="out.srt | out.vtt | out.json | out.csv (SRT/VTT with several videos: one file per video)")
     p.add_argument("--frames-dir", type=Path, default=None, help="save the sampled frames as JPEGs named by timestamp")
-    _add_model_args(p)
-    _add_search_args(p)
-    p.set_defaults(func=run_video)
+    add_model_args(p)
+    add_search_args(p)
+    add_common_args(p)
+    p.set_defaults(func=run_video, check=check_video_args, parser=p)
+
+
+def check_video_args(args: argparse.Namespace) -> None:
+    if args.every == 0 and not args.scenes:
+        raise UsageError("argument --every: 0 samples on scene changes only, so it needs --scenes")
+    if args.output is not None and args.output.suffix.lower() not in OUTPUTS:
+        raise UsageError(f"unknown output format {args.output.suffix or args.output.name!r}: "
+                         f"use {', '.join(OUTPUTS[:-1])} or {OUTPUTS[-1]}")
 
 
 def _why(exc: OSError) -> str:
@@ -39,23 +56,33 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+@contextlib.contextmanager
+def _frame_bar(path: Path, show: bool) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar of frames captioned (on a terminal, without --no-progress): tag_video's progress callback."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=path.name, unit="frame", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        yield lambda n: bar.update(n - bar.n)
+
+
 def run_video(args: argparse.Namespace) -> int:
-    from .cli import _search_kwargs
     from .model import Captioner
     from .video import tag_video, write_results
 
-    if args.every < 0 or (args.every == 0 and not args.scenes):
-        raise CaptionerError("--every must be > 0 (or 0 together with --scenes)")
     cap = Captioner.load(args.model, args.device)
-    cfg = cap.search_config(**_search_kwargs(args))
+    cfg = cap.search_config(**search_kwargs(args))
     caption_fn = lambda frames: [c.text for c in cap.caption_tensors(cap.preprocess(frames), cfg)]  # noqa: E731
     results, failed = [], 0
     for path in args.videos:
         try:
-            res = tag_video(path, caption_fn, every=args.every, scenes=args.scenes, batch_size=args.batch_size,
-                            similarity=args.similarity, max_frames=args.max_frames,
-                            frames_dir=args.frames_dir / path.stem if args.frames_dir and len(args.videos) > 1
-                            else args.frames_dir, scene_threshold=args.scene_threshold)
+            with _frame_bar(path, show_progress(args)) as progress:
+                res = tag_video(path, caption_fn, every=args.every, scenes=args.scenes, batch_size=args.batch_size,
+                                similarity=args.similarity, max_frames=args.max_frames, progress=progress,
+                                frames_dir=args.frames_dir / path.stem if args.frames_dir and len(args.videos) > 1
+                                else args.frames_dir, scene_threshold=args.scene_threshold)
         except CaptionerError as exc:
             print(f"captioner: error: {exc}", file=sys.stderr)
             failed += 1
@@ -72,6 +99,4 @@ def run_video(args: argparse.Namespace) -> int:
             write_results(results, args.output)
         except OSError as exc:  # disk full, read-only, a file where a folder should be
             raise CaptionerError(f"cannot write {args.output}: {_why(exc)}") from None
-    if failed:
-        return 3 if results else 1
-    return 0
+    return outcome(len(results), failed)

@@ -123,11 +123,22 @@ def test_caption_image(client, tmp_path):
     rows = rows_of(alternatives)
     assert 1 <= len(rows) <= 3 and rows[0][0] == text
     scores = [r[1] for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    assert scores == sorted(scores, reverse=True)  # length penalty 0: ranked by log-prob
+    for caption, total, per_word in rows:  # item 14: what is shown is what the header says
+        assert per_word == pytest.approx(total / (len(caption.split()) + 1), abs=2e-3) and total < 0
     assert [item["caption"] for item in attention] == words  # one heat map per word, labelled with it
     first = attention[0]["image"]
     with Image.open(first if isinstance(first, str) else first["path"]) as im:
         assert max(im.size) <= 320
+
+
+def test_alternatives_label_says_what_the_scores_are(app):
+    from captioner import ui
+
+    table = next(b for b in app[0].blocks.values() if getattr(b, "elem_id", None) == "alternatives")
+    assert table.label == ui.ALTERNATIVES_LABEL and "per word" in table.label and "normalised" not in table.label
+    assert ui.log_probabilities(-6.0, 2, 0.0) == (-6.0, -2.0)
+    assert ui.log_probabilities(-2.0, 3, 1.0) == (-8.0, -2.0)  # score = log P / 4 under penalty 1
 
 
 def test_caption_example_image_greedy(client):
@@ -165,6 +176,14 @@ def test_attention_overlay_shape_and_peak():
     assert out.shape == (70, 140, 3)
     hot, cold = out[5, 135], out[65, 5]
     assert hot[0] > hot[2] and cold[2] > cold[0]  # red where attended, blue elsewhere
+    # item 16: a one-hot map is one bright region, in its cell's corner
+    red = (out[..., 0] > out[..., 2] + 40)
+    ys, xs = np.nonzero(red)
+    assert red.any() and ys.max() < 70 * 2 / 7 and xs.min() > 140 * 5 / 7, (ys.max(), xs.min())
+    assert red.sum() > (140 / 7) * (70 / 7) / 2  # a smooth blob around the cell, not one blocky pixel
+    from captioner.ui import ATTENTION_LABEL
+
+    assert "own minimum" in ATTENTION_LABEL and "maximum, red" in ATTENTION_LABEL
 
 
 # ------------------------------------------------------------------------------ batch ------
@@ -263,10 +282,16 @@ def test_batch_malicious_zip(client, tmp_path, kind):
         archive = _bomb_zip(tmp_path / "bomb.zip")
         assert archive.stat().st_size < 2 * 2**20
         targets = []
-    with pytest.raises(AppError) as err:
-        client.predict([handle_file(str(archive))], 1, api_name="/caption_batch")
-    message = str(err.value)
-    assert "refused" in message.lower() and archive.name in message and "/gradio/" not in message
+    good = write_image(tmp_path / "beside.png")
+    # item 13: the archive is refused as one error row, the image uploaded beside it is still captioned
+    _, table, csv_path, _ = client.predict([handle_file(str(archive)), handle_file(str(good))], 1,
+                                           api_name="/caption_batch")
+    rows = rows_of(table)
+    assert [r[0] for r in rows] == [archive.name, "beside.png"]
+    message = rows[0][3]
+    assert "refused" in message.lower() and archive.name in message and "/gradio/" not in message and not rows[0][1]
+    assert rows[1][1] and not rows[1][3]
+    assert [r["error"] for r in read_csv(csv_path)] == [message, ""]
     for t in targets:
         assert not t.exists(), f"{t} was written"
 
@@ -339,3 +364,67 @@ def test_nothing_leaves_the_machine(client, net_log):
     assert "127.0.0.1" in net_log  # the hook sees the client's own lookups
     outside = sorted({h for h in net_log if h not in LOCAL_HOSTS})
     assert not outside, f"the app looked up outside hosts: {outside}"
+
+
+# ------------------------------------------------------------------------- input limits ----
+@pytest.mark.parametrize("endpoint, args, label", [
+    ("/caption", ("IMG", 0, 8, 3), "Beam size"), ("/caption", ("IMG", 100000, 8, 3), "Beam size"),
+    ("/caption", ("IMG", 3, 0, 3), "Max length"), ("/caption", ("IMG", 3, 101, 3), "Max length"),
+    ("/caption", ("IMG", 3, 8, 0), "Alternatives"), ("/caption_batch", (["IMG"], -3), "Beam size"),
+    ("/caption_video", ("VID", -1.0, False, 1), "Sample every"), ("/caption_video", ("VID", 1.0, False, 17), "Beam size"),
+])
+def test_inputs_have_the_cli_limits(client, tmp_path, endpoint, args, label):
+    """Item 5: the API refuses what the CLI refuses (beam 1-16, max length 1-100, ...), before any work: Gradio
+    itself for values outside a slider (whose bounds lie within the CLI's), ui.in_range for the rest."""
+    image = handle_file(str(write_image(tmp_path / "a.png")))
+    video = handle_file(str(make_video(tmp_path / "v.mp4", seconds=1)))
+    fill = lambda a: image if a == "IMG" else video if a == "VID" else [fill(x) for x in a] if isinstance(a, list) else a  # noqa: E731
+    with pytest.raises(AppError) as err:
+        client.predict(*map(fill, args), api_name=endpoint)
+    message = str(err.value)
+    assert re.match(r"Value \S+ is (less than minimum|greater than maximum) value", message) or (
+        label in message and "out of range" in message), message
+
+
+def test_input_bounds_lie_within_the_cli_limits(app):
+    from captioner import ui
+    from captioner.cliargs import BEAM, EVERY, MAX_LEN, TOPK
+
+    limits = {"Beam size": BEAM, "Max length (words)": MAX_LEN, "Alternatives": TOPK, "Sample every (seconds)": EVERY}
+    seen = set()
+    for block in app[0].blocks.values():
+        limit = limits.get(getattr(block, "label", None))
+        if limit is not None:
+            seen.add(block.label)
+            assert limit.lo <= block.minimum and block.maximum <= limit.hi, block.label
+    assert seen == set(limits)
+    with pytest.raises(Exception, match="Beam size: 0 is out of range: must be from 1 to 16"):
+        ui.in_range(0, BEAM, "Beam size")
+    assert ui.in_range(3.0, BEAM, "Beam size") == 3 and isinstance(ui.in_range(3.0, BEAM, "Beam size"), int)
+
+
+# --------------------------------------------------------------------------- status box ----
+def test_failure_reason_stays_in_the_status_box(app, tmp_path):
+    """Item 12: a failed run's reason is kept for the tab's status box (read here through the same session
+    as the failed call), not only in a toast; one per tab."""
+    from gradio_client import Client
+
+    from captioner import ui
+
+    ids = {getattr(b, "elem_id", None) for b in app[0].blocks.values() if isinstance(b, ui.gr.Markdown)}
+    assert {"image-status", "batch-status", "video-status"} <= ids
+    client = Client(app[1], verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+    audio = tmp_path / "sound.m4a"
+    from test_bad_inputs import audio_only
+
+    audio_only(audio)
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(audio)), 1.0, False, 1, api_name="/caption_video")
+    assert client.predict(api_name="/caption_video_status") == "**Failed:** sound.m4a: no video stream (audio only: aac)"
+    assert client.predict(api_name="/caption_video_status") == ""  # shown once, then cleared
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not an image")
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(bad)), 3, 8, 3, api_name="/caption")
+    message = client.predict(api_name="/caption_status")
+    assert message.startswith("**Failed:** notes.png: not an image"), message

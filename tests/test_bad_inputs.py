@@ -171,6 +171,13 @@ def test_cli_image_corpus(corpus, tiny_model, tmp_path):
             assert error in r["error"], (name, r["error"])
     err_lines = proc.stderr.strip().splitlines()
     bad = [n for n, e in expect.items() if e]
+    summary = err_lines.pop()  # item 8: counts, with the files a folder held that are not images
+    assert summary == f"captioner: {len(expect) - len(bad)} captioned (2 with a warning), {len(bad)} failed, 0 skipped"
+    warned = [line for line in err_lines if ": warning: " in line]  # under 32 px on a side
+    assert len(warned) == 2 and "exif_rotated.jpg: warning: only 20x40 pixels (under 32 on a side)" in warned[0]
+    assert "one_pixel.png: warning: only 1x1 pixels (under 32 on a side)" in warned[1]
+    assert rows["one_pixel.png"]["warning"].startswith("only 1x1 pixels") and rows["plain.jpg"]["warning"] is None
+    err_lines = [line for line in err_lines if line not in warned]
     assert len(err_lines) == len(bad), proc.stderr
     for line in err_lines:
         assert line.startswith("captioner: ") and not LEAK.search(line), line

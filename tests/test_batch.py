@@ -77,7 +77,7 @@ def test_csv_and_jsonl_with_broken_files(folder, tiny_model, tmp_path, capsys):
     assert "Traceback" not in err
     rows = read(out_csv)
     check_rows(rows, folder)
-    assert list(rows[0]) == ["path", "caption", "score", "alternatives", "error"]
+    assert list(rows[0]) == ["path", "caption", "score", "alternatives", "error", "warning"]
     assert all(r["alternatives"] == "" for r in rows)  # --topk 1: column left empty
     # JSONL with 2 loader processes: the same captions; an existing output is overwritten without --resume
     out_jsonl.write_text('{"path": "stale"}\n')
@@ -226,3 +226,32 @@ def test_torchrun_two_processes(folder, tiny_model, tmp_path):
     assert merged.exists(), done.stderr[-3000:]
     assert read(merged) == read(single)  # identical rows in identical order
     assert not list(tmp_path.glob("merged.jsonl.rank*.part"))
+
+
+def test_skipped_files_counted_by_type_and_small_images_warned(tiny_model, tmp_path, capsys):
+    """Item 8: files a folder holds that are not images are counted by type in the summary line and listed
+    with -v; an image under 32 px on a side is captioned with a warning in its row."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    picture(1).save(d / "a.png")
+    picture(2, (40, 20)).save(d / "small.png")  # 20 px high
+    for name in ("b.heic", "c.svg", "d.svg", "notes.txt", "README"):
+        (d / name).write_bytes(b"not read")
+    out = tmp_path / "out.csv"
+    assert run(d, "-o", out, "--model", tiny_model, "--workers", 0) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == ("captioner: 2 captioned (1 with a warning), 0 failed, "
+                       "5 skipped (2 .svg, 1 .heic, 1 .txt, 1 no extension); -v lists them")
+    assert err[:-1] == [f"captioner: {d / 'small.png'}: warning: only 40x20 pixels (under 32 on a side): "
+                        "the caption is unreliable"]
+    rows = {Path(r["path"]).name: r for r in read(out)}
+    assert rows["small.png"]["caption"] and rows["small.png"]["warning"].startswith("only 40x20")
+    assert rows["a.png"]["warning"] == "" and list(rows["a.png"])[-1] == "warning"
+    assert run(d, "--model", tiny_model, "--workers", 0, "-v") == 0  # stdout mode: the list on stderr
+    captured = capsys.readouterr()
+    listed = [line for line in captured.err.splitlines() if line.startswith("captioner: skipped ")]
+    assert listed == [f"captioner: skipped {d / n} (not an image file by its extension)"
+                      for n in ("README", "b.heic", "c.svg", "d.svg", "notes.txt")]
+    assert len(captured.out.splitlines()) == 2  # captions only on stdout
+    assert run(d, "--model", tiny_model, "--workers", 0, "-q") == 0
+    assert "captioned (" not in capsys.readouterr().err  # -q: no summary line

@@ -16,7 +16,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)", allow_module_level=True)
+    pytest.skip(f"{CHROMIUM} not installed: run `sudo apt-get install chromium` (or `make browser` as root)",
+                allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from test_app import make_video  # noqa: E402
