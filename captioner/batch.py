@@ -43,6 +43,7 @@ class CaptionJob:
     max_len: int | None = None
     length_penalty: float | None = None
     no_repeat_ngram: int | None = None
+    no_repeat_words: bool | None = None
     batch_size: int = 32
     workers: int = 0  # DataLoader processes that load + transform images (0: in this process)
     progress_bar: bool = False  # tqdm bar (images/s) on stderr
@@ -141,7 +142,7 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
 
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
-                            no_repeat_ngram=job.no_repeat_ngram)
+                            no_repeat_ngram=job.no_repeat_ngram, no_repeat_words=job.no_repeat_words)
     paths = [Path(p) for p in paths]
     per_image, per_batch, min_side = _split_transform(cap.transform)
     in_workers = job.workers > 0 and cap.device.type == "cpu"

@@ -148,11 +148,21 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                    help=f"rank beams by logprob / len**P, {LENGTH_PENALTY.describe()} (default: model's)")
     g.add_argument("--no-repeat-ngram", type=NO_REPEAT_NGRAM, default=None,
                    help=f"forbid repeating n-grams of this size, {NO_REPEAT_NGRAM.describe()} (0 = off)")
+    g.add_argument("--no-repeat-words", type=_onoff, default=None, metavar="on|off",
+                   help="never repeat a content word within a caption (\"a dog with a dog\"; default: the model's)")
+
+
+def _onoff(text: str) -> bool:
+    if text.lower() in ("on", "true", "yes", "1"):
+        return True
+    if text.lower() in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
 
 
 def search_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"beam": args.beam, "max_len": args.max_len, "length_penalty": args.length_penalty,
-            "no_repeat_ngram": args.no_repeat_ngram}
+            "no_repeat_ngram": args.no_repeat_ngram, "no_repeat_words": getattr(args, "no_repeat_words", None)}
 
 
 def show_progress(args: argparse.Namespace) -> bool:

@@ -203,6 +203,7 @@ class Captioner:
         self._warm = False
         self.compiled = None  # a CompiledEncoder once compile_encoder() ran
         self.vocab, self.search_cfg, self.config = vocab, search_cfg, config or {}
+        self.repeat_mask = torch.tensor(vocab.content_mask(), device=self.device)  # for no_repeat_words
         self.transform = image_transform(encoder.config.name, encoder.config.resize)
 
     @classmethod
@@ -301,7 +302,7 @@ class Captioner:
     def caption_features(self, feats: torch.Tensor, cfg: SearchConfig | None = None) -> list[Caption]:
         cfg = cfg or self.search_cfg
         v = self.vocab
-        hyps = search(self.decoder, feats.to(self.device).float(), cfg, (v.pad, v.start, v.end, v.unk))
+        hyps = search(self.decoder, feats.to(self.device).float(), cfg, (v.pad, v.start, v.end, v.unk), self.repeat_mask)
         return [self._caption(h) for h in hyps]
 
     def caption(self, images: Sequence[Image.Image], **search_overrides: Any) -> list[Caption]:

@@ -20,6 +20,7 @@ class SearchConfig:
     min_len: int = 1
     length_penalty: float = 0.0  # score / len**length_penalty ; 0 = raw log-prob
     no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0 = off)
+    no_repeat_words: bool = False  # never repeat a content word within a caption (needs `repeat_mask`, see search)
     suppress_unk: bool = True
     topk: int = 1  # alternatives returned per image (<= beam)
 
@@ -33,8 +34,11 @@ class Hypothesis:
 
 
 def _mask_logp(logp: torch.Tensor, t: int, cfg: SearchConfig, specials: tuple[int, int, int, int],
-               history: torch.Tensor | None) -> torch.Tensor:
+               history: torch.Tensor | None, repeat_mask: torch.Tensor | None = None) -> torch.Tensor:
     pad, start, end, unk = specials
+    if cfg.no_repeat_words and repeat_mask is not None and history is not None and history.shape[1]:
+        seen = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, history, True)
+        logp.masked_fill_(seen & repeat_mask, NEG)
     logp[:, pad] = NEG
     logp[:, start] = NEG
     if cfg.suppress_unk:
@@ -79,7 +83,8 @@ def _shrink(unfinished: torch.Tensor, rows: torch.Tensor | None, a: torch.Tensor
 
 
 @torch.no_grad()
-def greedy(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3)) -> list[list[Hypothesis]]:
+def greedy(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
+           repeat_mask: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     pad, start, end, _ = specials
     a, keys, state = decoder.prepare(feats)
     n = feats.shape[0]
@@ -91,7 +96,7 @@ def greedy(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0
     rows, a_rows, keys_rows = None, a, keys
     for t in range(cfg.max_len + 1):
         logits, state, alpha = _step(decoder, words, a_rows, keys_rows, state, rows)
-        logp = _mask_logp(torch.log_softmax(logits.float(), 1), t, cfg, specials, history)
+        logp = _mask_logp(torch.log_softmax(logits.float(), 1), t, cfg, specials, history, repeat_mask)
         if t == cfg.max_len:  # force <end>
             logp[:, :] = torch.where(torch.arange(logp.shape[1], device=logp.device) == end, 0.0, NEG)
         best, words = logp.max(1)
@@ -115,7 +120,8 @@ def _hypothesis(row: torch.Tensor, logprob: torch.Tensor, alphas: torch.Tensor, 
 
 
 @torch.no_grad()
-def beam_search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3)) -> list[list[Hypothesis]]:
+def beam_search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
+                repeat_mask: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Returns, per image, the cfg.topk best hypotheses (best first)."""
     pad, start, end, _ = specials
     b, k, dev = feats.shape[0], cfg.beam, feats.device
@@ -135,7 +141,7 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specia
     rows, a_rows, keys_rows = None, a, keys
     for t in range(cfg.max_len + 1):
         logits, state, alpha = _step(decoder, words, a_rows, keys_rows, state, rows)
-        logp = _mask_logp(torch.log_softmax(logits.float(), 1), t, cfg, specials, history)
+        logp = _mask_logp(torch.log_softmax(logits.float(), 1), t, cfg, specials, history, repeat_mask)
         if t == cfg.max_len:  # force <end>: every hypothesis finishes, none is lost
             logp[:, :] = torch.where(torch.arange(vocab, device=dev) == end, 0.0, NEG)
         logp = torch.where(done.unsqueeze(1), finished_row, logp)
@@ -160,5 +166,9 @@ def beam_search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specia
     return out
 
 
-def search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3)) -> list[list[Hypothesis]]:
-    return greedy(decoder, feats, cfg, specials) if cfg.beam <= 1 else beam_search(decoder, feats, cfg, specials)
+def search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
+           repeat_mask: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+    """Greedy (beam 1) or beam search. `repeat_mask` (V,) bool: the words cfg.no_repeat_words never repeats
+    (Vocab.content_mask: the vocabulary minus function words)."""
+    run = greedy if cfg.beam <= 1 else beam_search
+    return run(decoder, feats, cfg, specials, repeat_mask)

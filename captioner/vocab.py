@@ -46,6 +46,12 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.itos)
 
+    def content_mask(self) -> list[bool]:
+        """Per word id: True for content words (not a function word, number, single letter or special token),
+        the words search's no_repeat_words never repeats within a caption."""
+        stop = stopwords()
+        return [i >= len(SPECIALS) and len(w) > 1 and not w.isdigit() and w not in stop for i, w in enumerate(self.itos)]
+
     @classmethod
     def build(cls, texts: Iterable[str], min_count: int = 1) -> "Vocab":
         counts = Counter(tok for t in texts for tok in tokenize(t))

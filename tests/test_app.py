@@ -284,7 +284,7 @@ def test_batch_malicious_zip(client, tmp_path, kind):
         targets = []
     good = write_image(tmp_path / "beside.png")
     # item 13: the archive is refused as one error row, the image uploaded beside it is still captioned
-    _, table, csv_path, _ = client.predict([handle_file(str(archive)), handle_file(str(good))], 1,
+    _, table, csv_path, _, _ = client.predict([handle_file(str(archive)), handle_file(str(good))], 1,
                                            api_name="/caption_batch")
     rows = rows_of(table)
     assert [r[0] for r in rows] == [archive.name, "beside.png"]

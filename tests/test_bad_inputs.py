@@ -230,7 +230,7 @@ def test_app_batch_image_corpus(corpus, app_client, tiny_model, monkeypatch, tmp
     files = sorted([*files, copy], key=lambda p: p.name)
     expect = {**expect, copy.name: None}
     uploads = [handle_file(str(p)) for p in files]
-    thumbs, table, csv_path, jsonl_path = app_client.predict(uploads, 2, api_name="/caption_batch")
+    thumbs, table, csv_path, jsonl_path, _ = app_client.predict(uploads, 2, api_name="/caption_batch")
     rows = table["data"] if isinstance(table, dict) else table
     assert len(rows) == len(files)
     for r, p in zip(rows, files):  # Gradio shortens a very long upload name (to 200 characters), keeping the suffix

@@ -16,7 +16,7 @@ from captioner.decoder import Decoder, DecoderConfig, attention_penalty
 from captioner.encoder import Encoder, EncoderConfig, image_transform, rename_lite_keys
 from captioner.errors import CaptionerError
 from captioner.model import Captioner, load_checkpoint, save_checkpoint
-from captioner.search import SearchConfig, beam_search, greedy
+from captioner.search import SearchConfig, beam_search, greedy, search
 from captioner.vocab import Vocab, tokenize
 
 
@@ -246,3 +246,27 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, tiny_model):
         assert res.returncode != 0, args
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("captioner: error")]
         assert len(lines) == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_no_repeat_words_never_repeats_a_content_word(beam):
+    """A decoder that loves one content word ("dog") says it once with no_repeat_words; function words may
+    repeat. Without the option it repeats it."""
+    from captioner.vocab import Vocab
+
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "on", "grass"] + [f"w{i}" for i in range(22)]
+    vocab = Vocab(words)
+    dec = _decoder(6, vocab=len(words), end_bias=-1e4)
+    with torch.no_grad():
+        dec.L_o.bias[5] = 30.0  # "dog" always wins
+        dec.L_o.bias[4] = 20.0  # then "a"
+    feats = torch.randn(2, 10, 24)
+    mask = torch.tensor(vocab.content_mask())
+    assert mask.tolist()[4:8] == [False, True, False, True]
+    plain = search(dec, feats, SearchConfig(beam=beam, max_len=6), repeat_mask=mask)
+    assert all(h[0].tokens.count(5) > 1 for h in plain)
+    blocked = search(dec, feats, SearchConfig(beam=beam, max_len=6, no_repeat_words=True), repeat_mask=mask)
+    for hyps in blocked:
+        content = [t for t in hyps[0].tokens if mask[t]]
+        assert content.count(5) == 1 and len(content) == len(set(content))
+        assert hyps[0].tokens.count(4) > 1  # "a" is a function word: it may repeat
