@@ -17,7 +17,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from .cliargs import (BEAM, EXIT_EPILOG, EXIT_INTERRUPTED, MAX_LEN, NON_NEGATIVE, POSITIVE, WORKERS, Parser, Range,
+from .cliargs import (BEAM, parse_bool, EXIT_EPILOG, EXIT_INTERRUPTED, MAX_LEN, NON_NEGATIVE, POSITIVE, WORKERS, Parser, Range,
                       UsageError, add_common_args, add_model_args, add_search_args, progress_disabled, search_kwargs,
                       usage_error)
 from .errors import CaptionerError
@@ -61,14 +61,6 @@ def train_fields() -> list[tuple[str, Any, str]]:
     return found
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a captioning model on cached encoder features", epilog=EXIT_EPILOG,
                        description="Train the attention decoder on one or more datasets (one shared vocabulary). "
@@ -84,7 +76,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, type=type(default), choices=TRAIN_CHOICES[name], default=default,
                            help=f"{note} (default: {default})")
         elif isinstance(default, bool):
-            p.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=f"{note} (default: {default})")
+            p.add_argument(flag, type=parse_bool, default=default, metavar="BOOL", help=f"{note} (default: {default})")
         else:
             rng = f", {limit.describe()}" if limit else ""
             p.add_argument(flag, type=limit or type(default), default=default,

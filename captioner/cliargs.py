@@ -148,16 +148,17 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                    help=f"rank beams by logprob / len**P, {LENGTH_PENALTY.describe()} (default: model's)")
     g.add_argument("--no-repeat-ngram", type=NO_REPEAT_NGRAM, default=None,
                    help=f"forbid repeating n-grams of this size, {NO_REPEAT_NGRAM.describe()} (0 = off)")
-    g.add_argument("--no-repeat-words", type=_onoff, default=None, metavar="on|off",
+    g.add_argument("--no-repeat-words", type=parse_bool, default=None, metavar="on|off",
                    help="never repeat a content word within a caption (\"a dog with a dog\"; default: the model's)")
 
 
-def _onoff(text: str) -> bool:
-    if text.lower() in ("on", "true", "yes", "1"):
+def parse_bool(text: str) -> bool:
+    """on/off, true/false, yes/no, 1/0 (any case): the one reading of a boolean option."""
+    if text.lower() in ("1", "true", "yes", "on"):
         return True
-    if text.lower() in ("off", "false", "no", "0"):
+    if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
+    raise argparse.ArgumentTypeError(f"{text!r} is not on/off (true/false)")
 
 
 def search_kwargs(args: argparse.Namespace) -> dict[str, Any]:
