@@ -3,6 +3,7 @@ runs (AVX2, AVX-512, AVX512-BF16, AMX). Read from /proc/cpuinfo (Linux); elsewhe
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -40,8 +41,6 @@ def has_fast_bf16() -> bool:
 
 def describe() -> str:
     """One line for tables: 'AMD EPYC, 2 cores, AVX2 + AVX-512 + AVX512-BF16 (no AMX)'."""
-    import os
-
     isa = vector_isa()
     missing = "" if "AMX" in isa else " (no AMX)"
     return f"{_cpuinfo()[0]}, {os.cpu_count()} cores, {' + '.join(isa) or 'no AVX2'}{missing}"

@@ -128,11 +128,9 @@ def caching_encoder(cfg: TrainConfig) -> Encoder:
     return encoder
 
 
-def cache_all(cfg: TrainConfig, items: list[Item] | None = None, encoder: Encoder | None = None
-              ) -> dict[str, list[np.ndarray]]:
+def cache_all(cfg: TrainConfig) -> dict[str, list[np.ndarray]]:
     """Every cache train() and evaluate read: cfg.views views of the training split, one of val and test."""
-    items = items if items is not None else gather_items(cfg.data)
-    encoder = encoder or caching_encoder(cfg)
+    items, encoder = gather_items(cfg.data), caching_encoder(cfg)
     out = {"train": split_features(items, "train", encoder, cfg, cfg.views), "val": split_features(items, "val", encoder, cfg)}
     if any(it.split == "test" for it in items):
         out["test"] = split_features(items, "test", encoder, cfg)
@@ -280,6 +278,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log.info("resuming from %s (epoch %d done)", last_path, done["epoch"])
         if done["epoch"] >= cfg.epochs or done["bad_epochs"] >= cfg.patience:  # finished: nothing to redo
             log.info("%s already finished (best validation BLEU-4 %.4f at epoch %d)", out, done["best"], done["best_epoch"])
+            if distributed:
+                dist.destroy_process_group()
             return best_path
     elif init is not None:
         vocab = Vocab.from_dict({"itos": init["vocab"]})
