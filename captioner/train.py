@@ -70,7 +70,7 @@ class TrainConfig:
     grad_clip: float = 5.0  # clip the gradient norm to this
     ema: float = 0.0  # validate and save an exponential moving average of the weights with this decay per step (0: off)
     lr_factor: float = 0.5  # LR decay on a validation BLEU-4 plateau
-    lr_patience: int = 1  # epochs without a better validation BLEU-4 before the LR decays
+    lr_patience: int = 1  # epochs without a better validation BLEU-4 that are tolerated: the LR decays on the next one (torch ReduceLROnPlateau)
     patience: int = 4  # early stopping: epochs without a better validation BLEU-4
     beam: int = 3  # validation decoding
     length_penalty: float = 0.0  # validation decoding: beam scores divided by length**this
