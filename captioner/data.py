@@ -257,6 +257,41 @@ def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, ta
     os.replace(tmp, target)
 
 
+class FileRows:
+    """The rows of a memory-mapped cached .npy, each read with os.preadv when drawn. The kernel's page cache keeps
+    what fits (shared between processes) but the pages are never mapped into this process, so its resident set
+    does not grow with the cache (a memory map's touched pages count in the RSS)."""
+
+    def __init__(self, array: np.memmap):
+        self.path, self.offset = str(array.filename), int(array.offset)
+        self.shape, self.dtype = tuple(array.shape), array.dtype
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        row = np.empty(self.shape[1:], self.dtype)
+        if os.preadv(self._fd, [row], self.offset + i * self.row_bytes) != self.row_bytes:
+            raise CaptionerError(f"{self.path}: truncated feature cache (row {i}); delete it to rebuild")
+        return row
+
+    def __getstate__(self) -> dict:  # a copy (DataLoader worker, spawn) opens its own descriptor
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+def _streamed(view: np.ndarray) -> np.ndarray | FileRows:
+    """Rows read from the file where the view is a file-backed memory map (and the OS has preadv), else as is."""
+    return FileRows(view) if isinstance(view, np.memmap) and view.filename and hasattr(os, "preadv") else view
+
+
 class CaptionPairs(Dataset):
     """Training items over cached features, each with a random cached view of its image (views are extra
     augmented crops/flips): per image, (view, all the image's captions) when `per_image` (the decoder then
@@ -264,9 +299,9 @@ class CaptionPairs(Dataset):
 
     def __init__(self, views: list[np.ndarray], captions: list[list[list[int]]], seed: int = 0,
                  per_image: bool = True, in_ram: bool = True):
-        # in RAM: one copy of every view (fp16); else each row is read from the memory-mapped cache when drawn
-        # (the page cache keeps what fits, shared between processes). The same draws either way: same batches.
-        self.views = [torch.from_numpy(np.array(v)) for v in views] if in_ram else list(views)
+        # in RAM: one copy of every view (fp16); else each row is read from its cache file when drawn (FileRows).
+        # The same draws either way: same batches.
+        self.views = [torch.from_numpy(np.array(v)) for v in views] if in_ram else [_streamed(v) for v in views]
         self.captions, self.per_image = captions, per_image
         self.pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
         self.gen = torch.Generator().manual_seed(seed)
@@ -284,7 +319,9 @@ class CaptionPairs(Dataset):
         """One of the image's cached views, drawn with self.gen."""
         v = int(torch.randint(len(self.views), (1,), generator=self.gen)) if len(self.views) > 1 else 0
         row = self.views[v][image]
-        return row if isinstance(row, torch.Tensor) else torch.from_numpy(np.array(row))
+        if isinstance(row, torch.Tensor):
+            return row
+        return torch.from_numpy(row if isinstance(self.views[v], FileRows) else np.array(row))
 
 
 class ImageViews(Dataset):

@@ -251,6 +251,7 @@ def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: t
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train and return the path of the best checkpoint (by validation BLEU-4)."""
+    called = time.time()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
@@ -340,6 +341,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # from --init, "epoch 0" validates the starting weights first: best.pt only changes if training beats them
     first = 0 if init is not None and state is None else ts["epoch"] + 1
     for epoch in range(first, cfg.epochs + 1):
+        epoch_start = time.time()
+        startup = {"startup_s": round(epoch_start - called, 1)} if epoch == first else {}  # caches opened/copied
         if epoch == 0:
             loss = None
         elif cider is not None:
@@ -352,6 +355,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             loss = train_epoch(model, decoder, loader, optim, criterion, cfg, vocab.pad, device, f"epoch {epoch}",
                                rank == 0, tuned, head, ema)
 
+        train_s = time.time() - epoch_start
         # validation by real decoding (rank 0), shared with every rank
         score = torch.zeros(1)
         final = ema.module if ema is not None else decoder  # the weights that are validated and saved
@@ -372,7 +376,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if rank == 0:
             figure = "reward" if cider is not None else "loss"  # self-critical epochs report their mean reward
             record = {"epoch": epoch, figure: loss, "lr": optim.param_groups[0]["lr"],
-                      "elapsed_s": round(ts["elapsed"], 1), **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
+                      "elapsed_s": round(ts["elapsed"], 1), "train_s": round(train_s, 1), **startup,
+                      **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
             log.info("epoch %d %s %s val BLEU-4 %.4f CIDEr-D %s lr %.1e%s", epoch, figure,
                      "-" if loss is None else f"{loss:.3f}", bleu4,
                      f"{metrics.get('CIDEr-D', float('nan')):.3f}", record["lr"], " *" if improved else "")

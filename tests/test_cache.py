@@ -97,3 +97,29 @@ def test_torchrun_shards_the_cache_and_merges_it_into_the_single_process_file(tm
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files  # same keys, no shard or temporary left
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_streamed_rows_equal_the_memory_map_and_refuse_a_truncated_cache(tmp_path):
+    """Training streams a large cache with os.preadv (FileRows), row by row: the same values as the memory map,
+    writable rows, a picklable reader (DataLoader workers), and one clear error when the file was cut short."""
+    import pickle
+
+    from captioner.data import CaptionPairs, FileRows
+    from captioner.errors import CaptionerError
+
+    path = tmp_path / "feats.npy"
+    data = np.random.default_rng(0).standard_normal((7, 4, 3)).astype(np.float16)
+    np.save(path, data)
+    mapped = np.load(path, mmap_mode="r")
+    rows = FileRows(mapped)
+    assert len(rows) == 7
+    for i in (0, 3, 6):
+        assert np.array_equal(rows[i], data[i]) and rows[i].flags.writeable
+    assert np.array_equal(pickle.loads(pickle.dumps(rows))[5], data[5])
+    pairs = CaptionPairs([mapped], [[[1, 2]]] * 7, in_ram=False)
+    assert isinstance(pairs.views[0], FileRows) and torch.equal(pairs.view(2), torch.from_numpy(data[2]))
+    assert isinstance(CaptionPairs([data], [[[1, 2]]] * 7, in_ram=False).views[0], np.ndarray)  # not a file: as is
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 5)
+    with pytest.raises(CaptionerError, match="truncated feature cache"):
+        FileRows(mapped)[6]
