@@ -90,6 +90,7 @@ BATCH_SIZE = Range(int, 1, 4096)
 WORKERS = Range(int, 0, 64)
 EVERY = Range(float, 0, 3600)  # seconds; 0 only together with --scenes (checked by the video command)
 SCENE_THRESHOLD = Range(float, 0, 1, lo_open=True)
+DEFAULT_SCENE_THRESHOLD = 0.15  # picked on a labelled set of cuts, fades and pans: bench/scenes.py, docs/video.md
 SIMILARITY = Range(float, 0, 1)
 MAX_FRAMES = Range(int, 1, 1_000_000)
 POSITIVE = Range(int, 1)

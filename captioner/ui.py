@@ -30,7 +30,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .cliargs import BEAM, EVERY, MAX_LEN, TOPK, Range  # noqa: E402
+from .cliargs import BEAM, DEFAULT_SCENE_THRESHOLD, EVERY, MAX_LEN, TOPK, Range  # noqa: E402
 from .errors import CaptionerError  # noqa: E402
 from .images import IMAGE_EXTENSIONS  # noqa: E402
 from .model import Captioner  # noqa: E402
@@ -340,7 +340,7 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
             progress((0, total), desc="captioning frames", unit="frames")
             caption_fn = lambda frames: [c.text for c in cap.caption(frames, beam=int(beam))]  # noqa: E731
             res = tag_video(video, caption_fn, every=every, scenes=bool(scenes), frames_dir=frames_dir,
-                            max_frames=max_frames,
+                            max_frames=max_frames, scene_threshold=DEFAULT_SCENE_THRESHOLD,
                             progress=lambda n: progress((n, total), desc="captioning frames", unit="frames"))
         except VideoError as exc:
             raise user_error(_user_message(exc, video)) from None

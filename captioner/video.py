@@ -28,6 +28,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from .cliargs import DEFAULT_SCENE_THRESHOLD
 from .errors import CaptionerError
 from .vocab import stopwords, tokenize
 
@@ -145,10 +146,20 @@ def probe(path: str | Path) -> float:
     return duration
 
 
+def signature(frame: av.VideoFrame) -> np.ndarray:
+    """A frame's colour signature: its 16x16 RGB thumbnail, 0-1."""
+    return frame.to_ndarray(width=16, height=16, format="rgb24").astype(np.float32) / 255
+
+
+def scene_change(a: np.ndarray, b: np.ndarray) -> float:
+    """How much two consecutive frames differ: mean absolute difference of their signatures, 0-1."""
+    return float(np.abs(a - b).mean())
+
+
 def _pick(container, stream, every: float, scenes: bool, threshold: float) -> Iterator[tuple[float, av.VideoFrame]]:
     t0, end = _span(stream)
     frames = _decode(container, stream, t0)
-    target, last, gap, key, ref = 0.0, 0.0, (math.inf if scenes else SEEK_GAP), None, None
+    target, last, gap, key, prev = 0.0, 0.0, (math.inf if scenes else SEEK_GAP), None, None
     while True:
         if target - last > gap:  # seeking skips at least one keyframe interval of decoding
             frames, key = _seek(container, stream, t0, target), None
@@ -166,10 +177,11 @@ def _pick(container, stream, every: float, scenes: bool, threshold: float) -> It
             last = t
             if frame.key_frame:
                 gap, key = (gap if key is None else max(gap, t - key)), t
-            sig = frame.to_ndarray(width=16, height=16, format="rgb24").astype(np.float32) / 255 if scenes else None
-            cut = scenes and (ref is None or float(np.abs(sig - ref).mean()) > threshold)
+            sig = signature(frame) if scenes else None  # scenes never seek: every frame is compared with the last
+            cut = scenes and (prev is None or scene_change(prev, sig) > threshold)
+            prev = sig
             if cut or t >= target - EPS:  # next target: the first grid point after t
-                ref, target = sig, (math.floor((t + EPS) / every) + 1) * every if every > 0 else math.inf
+                target = (math.floor((t + EPS) / every) + 1) * every if every > 0 else math.inf
                 yield t, frame
                 break
         else:
@@ -178,11 +190,12 @@ def _pick(container, stream, every: float, scenes: bool, threshold: float) -> It
         raise EOFError(f"video data ends at {last:.1f} s of {end:.1f} s")
 
 
-def sample_frames(path: str | Path, every: float = 1.0, scenes: bool = False, scene_threshold: float = 0.3,
-                  max_frames: int | None = None) -> Iterator[Frame]:
+def sample_frames(path: str | Path, every: float = 1.0, scenes: bool = False,
+                  scene_threshold: float = DEFAULT_SCENE_THRESHOLD, max_frames: int | None = None) -> Iterator[Frame]:
     """The first frame at or after each of 0, every, 2*every, ... (stream timestamps), plus, with `scenes`,
-    each frame whose colour signature differs from the last kept frame by more than `scene_threshold`
-    (mean absolute difference of 16x16 RGB thumbnails, 0-1). every <= 0 (with scenes) samples cuts only."""
+    each frame whose colour signature differs from the frame just before it by more than `scene_threshold`
+    (`scene_change`: mean absolute difference of 16x16 RGB thumbnails, 0-1): hard cuts, while fades, pans
+    and zooms change little from one frame to the next. every <= 0 (with scenes) samples cuts only."""
     if every <= 0 and not scenes:
         raise VideoError("every must be > 0 seconds (or 0 together with scenes)")
     with _open(path) as (container, stream):
@@ -226,7 +239,7 @@ def content_words(captions: Sequence[str], k: int = 8) -> list[str]:
 def tag_video(path: str | Path, caption_fn: CaptionFn, every: float = 1.0, scenes: bool = False,
               batch_size: int = 16, similarity: float = 1.0, frames_dir: Path | None = None,
               max_frames: int | None = None, progress: Callable[[int], None] | None = None,
-              scene_threshold: float = 0.3) -> VideoResult:
+              scene_threshold: float = DEFAULT_SCENE_THRESHOLD) -> VideoResult:
     """Sample, caption in batches, merge into segments and tag. `progress(n)` gets the number of frames
     captioned so far after each batch. With `frames_dir`, each sampled frame is saved as `SSSSSS.mmm.jpg`."""
     duration = probe(path)

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .cliargs import (BATCH_SIZE, EVERY, EXIT_EPILOG, MAX_FRAMES, SCENE_THRESHOLD, SIMILARITY, UsageError,
-                      add_common_args, add_model_args, add_search_args, outcome, search_kwargs, show_progress)
+from .cliargs import (BATCH_SIZE, DEFAULT_SCENE_THRESHOLD, EVERY, EXIT_EPILOG, MAX_FRAMES, SCENE_THRESHOLD,
+                      SIMILARITY, UsageError, add_common_args, add_model_args, add_search_args, outcome,
+                      search_kwargs, show_progress)
 from .errors import CaptionerError
 
 OUTPUTS = (".srt", ".vtt", ".json", ".csv")
@@ -26,8 +27,10 @@ def add_video_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=EVERY, default=1.0,
                    help=f"seconds between sampled frames, {EVERY.describe()} (0 only with --scenes; default 1.0)")
     p.add_argument("--scenes", action="store_true", help="also sample on scene changes")
-    p.add_argument("--scene-threshold", type=SCENE_THRESHOLD, default=0.3,
-                   help=f"scene change threshold, {SCENE_THRESHOLD.describe()} (default 0.3)")
+    p.add_argument("--scene-threshold", type=SCENE_THRESHOLD, default=DEFAULT_SCENE_THRESHOLD,
+                   help="a frame is a scene cut when its 16x16 colour thumbnail differs from the frame before by "
+                        f"more than this (mean absolute difference), {SCENE_THRESHOLD.describe()} "
+                        f"(default {DEFAULT_SCENE_THRESHOLD:g})")
     p.add_argument("--similarity", type=SIMILARITY, default=1.0,
                    help="merge consecutive captions whose word overlap (Jaccard) is at least this, "
                         f"{SIMILARITY.describe()} (1.0 = exact)")
