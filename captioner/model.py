@@ -305,6 +305,21 @@ class Captioner:
         hyps = search(self.decoder, feats.to(self.device).float(), cfg, (v.pad, v.start, v.end, v.unk), self.repeat_mask)
         return [self._caption(h) for h in hyps]
 
+    @torch.no_grad()
+    def imagenet_labels(self, feats: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
+        """Annotation vectors (B, L, D) -> each image's top-k ImageNet labels and probabilities: the classifier the
+        decoder reads as attributes (a frozen copy of the encoder's own head) on the mean annotation vector.
+        Class names come with torchvision (no download). An empty list per image for a model without it."""
+        head = getattr(self.decoder, "classifier", None)
+        if head is None or head.out_features != 1000 or k < 1:
+            return [[] for _ in range(feats.shape[0])]
+        if getattr(self, "_categories", None) is None:
+            from .encoder import imagenet_categories
+
+            self._categories = imagenet_categories()
+        probs, idx = torch.softmax(head(feats.to(self.device).float().mean(1)), 1).topk(k, 1)
+        return [[(self._categories[j], round(p, 4)) for p, j in zip(ps, js)] for ps, js in zip(probs.tolist(), idx.tolist())]
+
     def caption(self, images: Sequence[Image.Image], **search_overrides: Any) -> list[Caption]:
         if not images:
             return []

@@ -324,6 +324,7 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
     def caption_video(video: str | None, every: float, scenes: bool, beam: float, progress=gr.Progress()):
         """Sample frames every `every` seconds (and on scene changes), caption them, merge into segments.
         Returns the sampled frames (gallery, "mm:ss.s caption"), the segments table and SRT and VTT files."""
+        from .tags import describe, frame_captioner
         from .video import VideoError, probe, tag_video, write_srt, write_vtt
 
         beam = in_range(beam, BEAM, "Beam size")
@@ -338,7 +339,7 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
             duration = probe(video)
             total = min(max_frames, int(duration / every) + 1) if every > 0 and not scenes else None
             progress((0, total), desc="captioning frames", unit="frames")
-            caption_fn = lambda frames: [c.text for c in cap.caption(frames, beam=int(beam))]  # noqa: E731
+            caption_fn = frame_captioner(cap, cap.search_config(beam=int(beam)))
             res = tag_video(video, caption_fn, every=every, scenes=bool(scenes), frames_dir=frames_dir,
                             max_frames=max_frames, scene_threshold=DEFAULT_SCENE_THRESHOLD,
                             progress=lambda n: progress((n, total), desc="captioning frames", unit="frames"))
@@ -349,7 +350,7 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
                        "sample less often to cover the whole video.")
         frames = sorted(frames_dir.glob("*.jpg"))
         gallery = [(str(f), f"{_mmss(t)} {c}") for f, t, c in zip(frames, res.times, res.captions)]
-        rows = [[round(s.start, 2), round(s.end, 2), s.caption, ", ".join(s.tags)] for s in res.segments]
+        rows = [[round(s.start, 2), round(s.end, 2), s.caption, describe(s.tag_sources)] for s in res.segments]
         stem = Path(video).stem or "video"
         srt, vtt = out / f"{stem}.srt", out / f"{stem}.vtt"
         write_srt(res.segments, srt)

@@ -1,6 +1,7 @@
 """Video tagging: sample frames by stream timestamps (seeking when sampling is sparse, optionally on scene
 changes), caption them in batches with an injected `caption_fn`, merge consecutive frames whose captions
-agree into timestamped segments, tag them with content words and write SRT / VTT / JSON / CSV.
+agree into timestamped segments, tag them with objects (captioner.tags: caption nouns and ImageNet labels)
+and write SRT / VTT / JSON / CSV.
 
 Times are seconds from the start of the video stream (its `start_time` is subtracted).
 
@@ -19,7 +20,7 @@ import json
 import math
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import chain, islice
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -30,11 +31,11 @@ from PIL import Image
 
 from .cliargs import DEFAULT_SCENE_THRESHOLD
 from .errors import CaptionerError
-from .vocab import stopwords, tokenize
+from .tags import FrameCaption, Labels, Tag, tag
+from .vocab import tokenize
 
 SEEK_GAP = 1.5  # seconds: never seek over less than this
 EPS = 1e-6
-CaptionFn = Callable[[list[Image.Image]], list[str]]
 _AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError, UnicodeDecodeError)
 
 
@@ -48,13 +49,17 @@ class Frame:
     image: Image.Image
 
 
+CaptionFn = Callable[[list[Image.Image]], Sequence["str | FrameCaption"]]
+
+
 @dataclass
 class Segment:
     start: float
     end: float
     caption: str
-    tags: list[str]
+    tags: list[str]  # every tag (tag_sources' names, in order)
     frames: list[int]  # indices into the sampled frames
+    tag_sources: list[Tag] = field(default_factory=list)  # each tag with its source (caption / imagenet), score
 
 
 @dataclass
@@ -65,6 +70,8 @@ class VideoResult:
     captions: list[str]
     segments: list[Segment]
     tags: list[str]
+    tag_sources: list[Tag] = field(default_factory=list)
+    labels: list[Labels] = field(default_factory=list)  # per sampled frame; empty without a classifier
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,10 +212,11 @@ def sample_frames(path: str | Path, every: float = 1.0, scenes: bool = False,
 
 
 def merge_segments(times: Sequence[float], captions: Sequence[str], duration: float,
-                   similarity: float = 1.0) -> list[Segment]:
+                   similarity: float = 1.0, labels: Sequence[Labels] = ()) -> list[Segment]:
     """Merge consecutive frames whose caption equals (similarity 1.0) or has token Jaccard >= similarity
     with the segment's first caption. A segment runs to the next segment's first frame (the last to
-    `duration`); its caption is the most common one in it (ties: earliest)."""
+    `duration`); its caption is the most common one in it (ties: earliest); its tags come from its
+    frames' captions and `labels` (per frame ImageNet labels, optional)."""
     def same(a: str, b: str) -> bool:
         if similarity >= 1.0:
             return a == b
@@ -225,15 +233,9 @@ def merge_segments(times: Sequence[float], captions: Sequence[str], duration: fl
     segments = []
     for g, end in zip(groups, ends):
         caps = [captions[i] for i in g]
-        segments.append(Segment(times[g[0]], end, Counter(caps).most_common(1)[0][0], content_words(caps), g))
+        tags = tag(caps, [labels[i] for i in g] if labels else [])
+        segments.append(Segment(times[g[0]], end, Counter(caps).most_common(1)[0][0], [t.tag for t in tags], g, tags))
     return segments
-
-
-def content_words(captions: Sequence[str], k: int = 8) -> list[str]:
-    """Up to k tokens that are not stop words, numbers or single letters; most frequent first, ties by first use."""
-    stop = stopwords()
-    counts = Counter(w for c in captions for w in tokenize(c) if len(w) > 1 and not w.isdigit() and w not in stop)
-    return sorted(counts, key=lambda w: -counts[w])[:k]
 
 
 def tag_video(path: str | Path, caption_fn: CaptionFn, every: float = 1.0, scenes: bool = False,
@@ -247,22 +249,26 @@ def tag_video(path: str | Path, caption_fn: CaptionFn, every: float = 1.0, scene
         Path(frames_dir).mkdir(parents=True, exist_ok=True)
     times: list[float] = []
     captions: list[str] = []
+    labels: list[Labels] = []
     frames = sample_frames(path, every, scenes, scene_threshold, max_frames)
     while batch := list(islice(frames, max(1, batch_size))):
-        out = list(caption_fn([f.image for f in batch]))
+        out = [o if isinstance(o, FrameCaption) else FrameCaption(o) for o in caption_fn([f.image for f in batch])]
         if len(out) != len(batch):
             raise VideoError(f"{path}: captioner returned {len(out)} captions for {len(batch)} frames")
         for f in batch if frames_dir is not None else ():
             f.image.save(Path(frames_dir) / f"{max(0.0, f.time):010.3f}.jpg", quality=90)
         times += [f.time for f in batch]
-        captions += out
+        captions += [o.text for o in out]
+        labels += [o.labels for o in out]
         if progress is not None:
             progress(len(times))
     if not times:
         raise VideoError(f"{path}: no frames sampled")
     duration = max(duration, times[-1])
-    segments = merge_segments(times, captions, duration, similarity)
-    return VideoResult(str(path), duration, times, captions, segments, content_words(captions))
+    labels = labels if any(labels) else []
+    segments = merge_segments(times, captions, duration, similarity, labels)
+    tags = tag(captions, labels)
+    return VideoResult(str(path), duration, times, captions, segments, [t.tag for t in tags], tags, labels)
 
 
 def format_timestamp(seconds: float, sep: str = ",") -> str:
@@ -294,13 +300,16 @@ def write_json(results: Sequence[VideoResult], path: str | Path) -> None:
 
 
 def write_csv(results: Sequence[VideoResult], path: str | Path) -> None:
-    """One row per segment: video, start, end, caption, tags (';'-separated)."""
+    """One row per segment: video, start, end, caption, tags (all, ';'-separated), then the same tags by
+    source: caption_tags (nouns of the captions) and imagenet_tags (the encoder's ImageNet labels)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["video", "start", "end", "caption", "tags"])
+        w.writerow(["video", "start", "end", "caption", "tags", "caption_tags", "imagenet_tags"])
         for r in results:
             for s in r.segments:
-                w.writerow([r.path, f"{s.start:.3f}", f"{s.end:.3f}", s.caption, ";".join(s.tags)])
+                by = {src: ";".join(t.tag for t in s.tag_sources if t.source == src) for src in ("caption", "imagenet")}
+                w.writerow([r.path, f"{s.start:.3f}", f"{s.end:.3f}", s.caption, ";".join(s.tags), by["caption"],
+                            by["imagenet"]])
 
 
 def write_results(results: Sequence[VideoResult], path: str | Path) -> list[Path]:

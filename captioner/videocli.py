@@ -21,7 +21,8 @@ def add_video_parser(sub: argparse._SubParsersAction) -> None:
         "video", help="tag the frames of videos with timestamped captions",
         description="Sample frames every --every seconds (stream timestamps; seeks when sampling is sparse), "
                     "caption them in batches, merge consecutive frames whose captions agree into segments, and "
-                    "tag each segment with its content words. A bad video is reported and the others still run.",
+                    "tag each segment with objects: the nouns of its captions and the encoder's ImageNet labels "
+                    "(source marked in JSON/CSV). A bad video is reported and the others still run.",
         epilog=EXIT_EPILOG)
     p.add_argument("videos", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--every", type=EVERY, default=1.0,
@@ -73,11 +74,11 @@ def _frame_bar(path: Path, show: bool) -> Iterator[Callable[[int], None] | None]
 
 def run_video(args: argparse.Namespace) -> int:
     from .model import Captioner
+    from .tags import describe, frame_captioner
     from .video import tag_video, write_results
 
     cap = Captioner.load(args.model, args.device)
-    cfg = cap.search_config(**search_kwargs(args))
-    caption_fn = lambda frames: [c.text for c in cap.caption_tensors(cap.preprocess(frames), cfg)]  # noqa: E731
+    caption_fn = frame_captioner(cap, cap.search_config(**search_kwargs(args)))
     results, failed = [], 0
     for path in args.videos:
         try:
@@ -94,9 +95,9 @@ def run_video(args: argparse.Namespace) -> int:
             raise CaptionerError(f"cannot write frames to {args.frames_dir}: {_why(exc)}") from None
         results.append(res)
         if args.output is None:
-            print(f"{path} ({res.duration:.1f} s): {', '.join(res.tags)}")
+            print(f"{path} ({res.duration:.1f} s): {describe(res.tag_sources)}")
             for seg in res.segments:
-                print(f"  {seg.start:8.2f} - {seg.end:8.2f}  {seg.caption}  [{', '.join(seg.tags)}]")
+                print(f"  {seg.start:8.2f} - {seg.end:8.2f}  {seg.caption}  [{describe(seg.tag_sources)}]")
     if args.output is not None and results:
         try:
             write_results(results, args.output)

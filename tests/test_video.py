@@ -78,8 +78,8 @@ def test_every_second_segments(clip):
     assert res.segments[0].start == 0.0 and res.segments[-1].end == pytest.approx(res.duration)
     assert all(a.end == b.start for a, b in zip(res.segments, res.segments[1:]))
     assert [s.frames for s in res.segments] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
-    assert res.segments[0].tags == ["red", "screen"] and res.tags[0] == "screen"
-    assert set(res.tags) == {"screen", *SCENES}
+    assert res.segments[0].tags == ["screen"] and res.tags == ["screen"]  # colours are not tags (item 11)
+    assert res.segments[0].tag_sources == [V.Tag("screen", "caption", 1.0)]
     assert json.loads(json.dumps(res.to_dict()))["segments"][1]["caption"] == "a green screen"
 
 
@@ -183,10 +183,11 @@ def test_writers(clip, tmp_path):
     _check_cues(parse_vtt((tmp_path / "out.vtt").read_text()), captions)
     V.write_results([res, res], tmp_path / "all.json")
     data = json.loads((tmp_path / "all.json").read_text())
-    assert len(data["videos"]) == 2 and data["videos"][0]["segments"][0]["tags"] == ["red", "screen"]
+    assert len(data["videos"]) == 2 and data["videos"][0]["segments"][0]["tags"] == ["screen"]
     V.write_results([res], tmp_path / "all.csv")
     rows = list(csv.DictReader((tmp_path / "all.csv").open()))
-    assert [r["caption"] for r in rows] == captions and rows[0]["tags"] == "red;screen"
+    assert [r["caption"] for r in rows] == captions and rows[0]["tags"] == "screen"
+    assert (rows[0]["caption_tags"], rows[0]["imagenet_tags"]) == ("screen", "")
     assert float(rows[1]["start"]) == 2.0 and rows[0]["video"] == str(clip)
     # several videos + SRT: one file per video next to the output
     other = V.VideoResult("x/other.mp4", res.duration, res.times, res.captions, res.segments[:2], res.tags)
@@ -220,16 +221,6 @@ def test_merge_segments_similarity_and_majority():
     tie = V.merge_segments([0.0, 1.0], ["a big dog", "a dog big"], 2.0, similarity=0.9)
     assert len(tie) == 1 and tie[0].caption == "a big dog"
     assert V.merge_segments([], [], 3.0) == []
-
-
-def test_content_words_exclude_stopwords():
-    stop = V.stopwords()
-    assert 100 <= len(stop) <= 250 and {"a", "the", "of", "on", "with"} <= stop
-    words = V.content_words(["A man riding a horse on the beach", "a man and 2 horses on the beach", "the man is x"])
-    assert words == ["man", "beach", "riding", "horse", "horses"]
-    assert not set(words) & stop
-    assert V.content_words(["a b c the of 42"]) == []
-    assert len(V.content_words([" ".join(f"w{i}x" for i in range(20))], k=5)) == 5
 
 
 def make_audio(path: Path, codec: str) -> Path:
