@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""captioner web app: `python app.py [--host 127.0.0.1] [--port 7860] [--model PATH] [--share] [--device cpu]`.
+"""captioner web app: `python app.py [--host 127.0.0.1] [--port 7860] [--model PATH] [--share] [--device cpu]
+[--backend auto|torch|onnx|compiled] [--int8]`.
 
 Loads the model once (the packaged default unless --model), then serves the Gradio UI
 (image, batch and video tabs; each is also an API endpoint, see captioner/ui.py).
@@ -13,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from captioner.cliargs import UsageError, add_backend_args, resolve_backend
+
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported anywhere
 
 
@@ -24,7 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint (.pt); default: the model shipped in the package")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
-    return p.parse_args(argv)
+    add_backend_args(p)
+    args = p.parse_args(argv)
+    try:
+        resolve_backend(args)
+    except UsageError as exc:
+        p.error(str(exc))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.model import Captioner
 
     try:
-        cap = Captioner.load(args.model, args.device)
+        cap = Captioner.load(args.model, args.device, backend=args.backend, int8=args.int8)
     except CaptionerError as exc:
         print(f"app.py: error: {exc}", file=sys.stderr)
         return 1

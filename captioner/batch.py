@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
-from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_common_args, add_model_args,
-                      add_search_args, outcome, search_kwargs, show_progress)
+from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_backend_args, add_common_args,
+                      add_model_args, add_search_args, outcome, resolve_backend, search_kwargs, show_progress)
 from .errors import CaptionerError
 from .images import MAX_PIXELS, display_name, find_images, load_image, size_warning, skipped_summary, to_rgb
 
@@ -356,11 +356,9 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep the rows already in OUT, caption only the missing images (a .sqlite library also "
                         "re-captions changed photos and drops deleted ones); without -o, with --write-metadata or "
                         "--sidecar: skip the images that already carry captioner's description")
-    p.add_argument("--compile", action="store_true",
-                   help="CPU: encode with an ahead-of-time compiled encoder (~2x faster encoding; built once in "
-                        "~20 s with a C++ compiler, then cached in CAPTIONER_CACHE or ~/.cache/captioner)")
     add_metadata_args(p)
     add_model_args(p)
+    add_backend_args(p, compile_alias=True)
     add_search_args(p)
     add_common_args(p)
     p.set_defaults(func=run_caption, check=check_caption_args, parser=p)
@@ -380,6 +378,7 @@ def check_caption_args(args: argparse.Namespace) -> None:
     from . import metadata
 
     world, _ = _world()
+    resolve_backend(args)
     fmt, tagging = output_format(args.output), args.write_metadata or args.sidecar
     if args.output is not None and fmt not in (*FORMATS, "sqlite"):
         raise UsageError(f"unknown output format {args.output.suffix or args.output.name!r}: use .csv, .jsonl or .sqlite")
@@ -429,9 +428,8 @@ def run_caption(args: argparse.Namespace) -> int:
         raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
     exiftool = metadata.find_exiftool() if tagging else None  # before the model loads: fail fast
     local = os.environ.get("LOCAL_RANK", "0")
-    cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device)
-    if args.compile:
-        cap.compile_encoder()
+    cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device,
+                         backend=args.backend, int8=args.int8)
     job = CaptionJob(**search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                      progress_bar=show_progress(args) and rank == 0)
     alternatives = cap.search_config(**search_kwargs(args), topk=args.topk).topk > 1

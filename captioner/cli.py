@@ -1,4 +1,4 @@
-"""`captioner` command line: caption, video, cache, train, evaluate, export.
+"""`captioner` command line: caption, video, cache, train, evaluate, export, calibrate, info.
 
 Arguments are parsed and checked before anything heavy is imported (torch, timm, gradio: seconds), so
 `--help` and usage errors return at once; see cliargs.py for the shared options and the exit codes
@@ -207,6 +207,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .backendcli import add_calibrate_parser, add_info_parser
     from .batch import add_caption_parser
     from .library import add_search_parser
     from .videocli import add_video_parser
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    add_calibrate_parser(sub)
+    add_info_parser(sub)
     return parser
 
 

@@ -140,6 +140,34 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
 
 
+BACKENDS = ("auto", "torch", "onnx", "compiled")
+
+
+def add_backend_args(p: argparse.ArgumentParser, compile_alias: bool = False) -> None:
+    """--backend and --int8 (backends.py), and for `caption` the older --compile."""
+    g = p.add_argument_group("encoder backend")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="what runs the encoder: auto (default: the faster of torch and onnx on this CPU, measured "
+                        "once and kept in the cache; `captioner info` shows it), torch, onnx (ONNX Runtime, fp32, "
+                        "exported once into CAPTIONER_CACHE or ~/.cache/captioner), compiled (AOTInductor; needs a "
+                        "C++ compiler, builds once in ~20 s)")
+    g.add_argument("--int8", action="store_true",
+                   help="onnx with the int8 encoder (static quantization; make it once with `captioner calibrate "
+                        "FOLDER`); faster, captions may differ in a word")
+    if compile_alias:
+        g.add_argument("--compile", action="store_true", help="the same as --backend compiled")
+
+
+def resolve_backend(args: argparse.Namespace) -> None:
+    """--compile becomes --backend compiled; options that do not go together are a UsageError."""
+    if getattr(args, "compile", False):
+        if args.backend not in ("auto", "compiled"):
+            raise UsageError(f"--compile is --backend compiled: it does not go with --backend {args.backend}")
+        args.backend = "compiled"
+    if args.int8 and args.backend not in ("auto", "onnx"):
+        raise UsageError(f"--int8 is for the onnx backend, not --backend {args.backend}")
+
+
 def add_search_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--beam", type=BEAM, default=None,

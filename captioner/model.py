@@ -201,13 +201,17 @@ class Captioner:
             self.encoder.prepare_inference(self.device)
         self.decoder = decoder.to(self.device).eval()
         self._warm = False
-        self.compiled = None  # a CompiledEncoder once compile_encoder() ran
+        self.compiled = None  # what encodes instead of self.encoder: a CompiledEncoder or an OnnxEncoder
+        self.backend = "torch"  # the encoder backend that runs (backends.use_backend)
         self.vocab, self.search_cfg, self.config = vocab, search_cfg, config or {}
         self.repeat_mask = torch.tensor(vocab.content_mask(), device=self.device)  # for no_repeat_words
         self.transform = image_transform(encoder.config.name, encoder.config.resize)
 
     @classmethod
-    def load(cls, path: Path | str | None = None, device: str = "cpu", prepare: bool = True) -> "Captioner":
+    def load(cls, path: Path | str | None = None, device: str = "cpu", prepare: bool = True,
+             backend: str | None = None, int8: bool = False) -> "Captioner":
+        """backend: auto, torch, onnx or compiled (backends.use_backend; int8: the calibrated int8 onnx model);
+        None = the torch encoder, prepared unless prepare=False."""
         path = Path(path) if path else default_model_path()
         if path == default_model_path() and not path.is_file():
             if os.environ.get("CAPTIONER_MODEL"):
@@ -235,7 +239,12 @@ class Captioner:
             raise CaptionerError(f"{path}: encoder {enc['name']} gives {encoder.dim}-d features, decoder expects {decoder.cfg.feat_dim}")
         known = {f.name for f in fields(SearchConfig)}
         scfg = SearchConfig(**{k: v for k, v in ckpt["config"].get("search", {}).items() if k in known})
-        return cls(encoder, decoder, vocab, scfg, device, ckpt["config"], prepare)
+        cap = cls(encoder, decoder, vocab, scfg, device, ckpt["config"], prepare and backend is None)
+        if backend is not None:
+            from .backends import use_backend
+
+            use_backend(cap, backend, int8)
+        return cap
 
     @property
     def model_id(self) -> str:
@@ -271,12 +280,17 @@ class Captioner:
             return torch.cat([self.compiled(chunk) for chunk in chunks])
         return torch.cat([self.encoder.encode(chunk)[0] for chunk in chunks])
 
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the preprocessed images the encoder takes."""
+        size = self.preprocess([Image.new("RGB", (320, 320))]).shape[-2:]
+        return int(size[0]), int(size[1])
+
     def compile_encoder(self, root: Path | None = None) -> None:
         """Encode with the AOT-compiled encoder from here on (compiled.py: built once, ~20 s, then cached)."""
         from .compiled import compiled_encoder
 
-        size = self.preprocess([Image.new("RGB", (320, 320))]).shape[-2:]
-        self.compiled = compiled_encoder(self.encoder, (size[0], size[1]), root)
+        self.compiled = compiled_encoder(self.encoder, self.input_size(), root)
+        self.backend = "compiled"
         self._warm = False
 
     @torch.no_grad()

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .cliargs import (BATCH_SIZE, DEFAULT_SCENE_THRESHOLD, EVERY, EXIT_EPILOG, MAX_FRAMES, SCENE_THRESHOLD,
-                      SIMILARITY, UsageError, add_common_args, add_model_args, add_search_args, outcome,
-                      search_kwargs, show_progress)
+                      SIMILARITY, UsageError, add_backend_args, add_common_args, add_model_args, add_search_args,
+                      outcome, resolve_backend, search_kwargs, show_progress)
 from .errors import CaptionerError
 
 OUTPUTS = (".srt", ".vtt", ".json", ".csv")
@@ -41,12 +41,14 @@ def add_video_parser(sub: argparse._SubParsersAction) -> None:
                    help="out.srt | out.vtt | out.json | out.csv (SRT/VTT with several videos: one file per video)")
     p.add_argument("--frames-dir", type=Path, default=None, help="save the sampled frames as JPEGs named by timestamp")
     add_model_args(p)
+    add_backend_args(p)
     add_search_args(p)
     add_common_args(p)
     p.set_defaults(func=run_video, check=check_video_args, parser=p)
 
 
 def check_video_args(args: argparse.Namespace) -> None:
+    resolve_backend(args)
     if args.every == 0 and not args.scenes:
         raise UsageError("argument --every: 0 samples on scene changes only, so it needs --scenes")
     if args.output is not None and args.output.suffix.lower() not in OUTPUTS:
@@ -77,7 +79,7 @@ def run_video(args: argparse.Namespace) -> int:
     from .tags import describe, frame_captioner
     from .video import tag_video, write_results
 
-    cap = Captioner.load(args.model, args.device)
+    cap = Captioner.load(args.model, args.device, backend=args.backend, int8=args.int8)
     caption_fn = frame_captioner(cap, cap.search_config(**search_kwargs(args)))
     results, failed = [], 0
     for path in args.videos:
