@@ -55,6 +55,21 @@ CSS = """
 /* galleries grow with their content (Gradio's default keeps 450 px however few the items) */
 #attention .grid-wrap.fixed-height, #batch-gallery .grid-wrap.fixed-height,
 #video-frames .grid-wrap.fixed-height {min-height: 12rem;}
+/* batch thumbnails and video frames: fixed cells (Gradio stretches a few items over the whole width), each
+   image at most its own size (never upscaled, so never blurred), the whole caption below it */
+#batch-gallery .grid-container, #video-frames .grid-container {
+  grid-template-columns: repeat(auto-fill, 176px) !important; grid-template-rows: none !important;
+  grid-auto-rows: auto !important; align-items: start;}
+#batch-gallery .thumbnail-item, #video-frames .thumbnail-item {
+  aspect-ratio: auto !important; height: auto !important; display: flex; flex-direction: column;
+  align-items: center; padding: 4px;}
+#batch-gallery .thumbnail-item > img, #video-frames .thumbnail-item > img {
+  width: auto !important; height: auto !important; max-width: 100% !important; max-height: 160px !important;
+  object-fit: contain !important; flex: none;}
+#batch-gallery .caption-label, #video-frames .caption-label {
+  position: static !important; max-width: 100% !important; width: 100%; white-space: normal !important;
+  overflow: visible !important; text-overflow: clip !important; overflow-wrap: anywhere; border: none !important;
+  background: none !important; padding: 4px 2px 0 !important; opacity: 1 !important; line-height: 1.3;}
 """
 
 
@@ -456,7 +471,7 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                                         object_fit="contain", preview=False)
                     segments = gr.Dataframe(headers=SEGMENT_HEADERS, datatype=["number", "number", "str", "str"],
                                             label="Segments (seconds)", interactive=False, elem_id="video-segments",
-                                            wrap=True)
+                                            wrap=True, column_widths=["10%", "10%", "45%", "35%"])
             video_status = gr.Markdown(elem_id="video-status")
             caption_clip = caption_video_fn(cap, work, max_video_frames)
 

@@ -6,6 +6,7 @@ CAPTIONER_SCREENSHOTS=docs/screenshots to the README's pictures (the test never 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,7 +21,6 @@ if not CHROMIUM.exists():
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from test_app import make_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ.get("CAPTIONER_SCREENSHOTS") or Path(__import__("tempfile").gettempdir()) / "captioner-screenshots")
@@ -127,18 +127,58 @@ def test_batch_tab(page, tmp_path):
     page.locator("#batch-gallery img").nth(len(files) - 2).wait_for()
     assert page.locator("#batch-gallery img").count() == len(files) - 1
     page.locator('#batch-csv a[download="captions.csv"]').wait_for()
+    table = page.locator("#batch-table").inner_text()
+    cells = gallery_cells(page, "#batch-gallery")
+    assert [c["text"].split(":")[0] for c in cells] == [Path(f).name for f in files[:-1]]
+    assert all(c["text"].split(": ", 1)[1] in table for c in cells)  # the whole caption, as in the table
     shoot(page, "batch")
 
 
+def test_batch_one_photo_keeps_its_size(page):
+    """One photo alone is not stretched over the whole gallery (it was, blurred, before issue 17 item 15)."""
+    from captioner.ui import THUMB_SIDE, example_images
+
+    open_tab(page, "Batch")
+    page.locator("#batch-files button[aria-label='Clear']").first.click()
+    page.locator("#batch-files input[type=file]").set_input_files(example_images()[:1])
+    page.locator("#batch-button").click()
+    page.wait_for_function("() => document.querySelectorAll('#batch-gallery .thumbnail-item').length === 1"
+                           " && !document.querySelector('#batch-table').innerText.includes('broken.jpg')")
+    (cell,) = gallery_cells(page, "#batch-gallery")
+    assert max(cell["w"], cell["h"]) <= THUMB_SIDE + 0.5 and cell["text"].startswith(Path(example_images()[0]).name)
+
+
+def gallery_cells(pg, gallery: str) -> list[dict]:
+    """Each gallery cell's image sizes and caption (issue 17 item 15): the image is shown at most at its own
+    size (never upscaled, so never blurry) and the caption is all there, below the image, not cut off."""
+    cells = pg.eval_on_selector_all(f"{gallery} .thumbnail-item", """items => items.map(b => {
+        const img = b.querySelector('img'), cap = b.querySelector('.caption-label');
+        const box = b.getBoundingClientRect(), i = img.getBoundingClientRect(), c = cap.getBoundingClientRect();
+        return {w: i.width, h: i.height, nw: img.naturalWidth, nh: img.naturalHeight, text: cap.textContent.trim(),
+                cut: cap.scrollWidth > cap.clientWidth + 1 || cap.scrollHeight > cap.clientHeight + 1,
+                below: c.top >= i.bottom - 1, inside: c.bottom <= box.bottom + 1 && c.right <= box.right + 1};
+    })""")
+    assert cells
+    for c in cells:
+        assert c["nw"] > 0 and c["w"] <= c["nw"] + 0.5 and c["h"] <= c["nh"] + 0.5, c  # not upscaled
+        assert c["w"] >= min(c["nw"], 150) - 1, c  # and not shrunk into a sliver
+        assert not c["cut"] and c["below"] and c["inside"] and not c["text"].endswith("…"), c
+    return cells
+
+
 def test_video_tab(page, tmp_path):
-    clip = make_video(tmp_path / "colours.mp4")
+    from slideshow import photos, still, write
+
+    clip = write(tmp_path / "photos.mp4", [(2, still(p)) for p in photos()[1][:3]])  # 160x120, 3 photos
     open_tab(page, "Video")
     page.locator("#video-input input[type=file]").set_input_files(str(clip))
     page.locator("#video-input video").first.wait_for(state="attached")
     page.locator("#video-button").click()
     page.locator("#video-frames img").nth(5).wait_for()
     assert page.locator("#video-frames img").count() == 6
-    page.locator('#video-srt a[download="colours.srt"]').wait_for()
+    page.locator('#video-srt a[download="photos.srt"]').wait_for()
+    cells = gallery_cells(page, "#video-frames")
+    assert all(re.fullmatch(r"\d\d:\d\d\.\d \S.*", c["text"]) for c in cells), cells
     shoot(page, "video")
 
 
