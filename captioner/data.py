@@ -302,6 +302,7 @@ class CaptionPairs(Dataset):
         # in RAM: one copy of every view (fp16); else each row is read from its cache file when drawn (FileRows).
         # The same draws either way: same batches.
         self.views = [torch.from_numpy(np.array(v)) for v in views] if in_ram else [_streamed(v) for v in views]
+        self.streamed = any(isinstance(v, FileRows) for v in self.views)  # rows come from disk when drawn
         self.captions, self.per_image = captions, per_image
         self.pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]
         self.gen = torch.Generator().manual_seed(seed)

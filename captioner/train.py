@@ -14,6 +14,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -159,6 +160,9 @@ def _classifier_size(encoder: Encoder, cfg: TrainConfig) -> int:
     return head.out_features
 
 
+STREAM_PREFETCH = 8  # batches read ahead when the training views are streamed from their cache files
+
+
 def epoch_loader(dataset: CaptionPairs, text_pairs: TextPairs, n_text: int, cfg: TrainConfig, epoch: int,
                  pad: int, rank: int = 0, world: int = 1) -> DataLoader:
     """The batches of one epoch: the image-caption pairs plus a fresh draw of n_text text-only captions,
@@ -177,7 +181,11 @@ def epoch_loader(dataset: CaptionPairs, text_pairs: TextPairs, n_text: int, cfg:
     torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # dropout
     dataset.gen.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # which cached view each pair uses
     per_batch = max(1, round(cfg.batch_size * len(dataset) / len(dataset.pairs)))  # items holding ~batch_size captions
-    return DataLoader(epoch_data, batch_size=per_batch, sampler=sampler, collate_fn=lambda b: collate(b, pad))
+    # streamed views: one worker reads the next batches from disk while this process trains on the current one
+    # (one worker draws the views in the same order, so the batches are the ones the RAM copy gives)
+    workers = 1 if dataset.streamed else 0
+    return DataLoader(epoch_data, batch_size=per_batch, sampler=sampler, collate_fn=partial(collate, pad=pad),
+                      num_workers=workers, prefetch_factor=STREAM_PREFETCH if workers else None)
 
 
 def image_loader(images: ImageViews, cfg: TrainConfig, epoch: int) -> DataLoader:
