@@ -54,5 +54,5 @@ model: setup  ## rebuild the shipped default model captioner/assets/model.pt (re
 	$(BIN)/captioner export runs/general/best.pt captioner/assets/model.pt --beam 3 --no-repeat-words on
 
 ucm: setup  ## the UCM-Captions (aerial) model and its test BLEU
-	$(BIN)/captioner train --data $(DATA)/ucm-captions --out runs/ucm --epochs 15 --seed 0 --lr 1e-3 --alpha-c 0.1 --label-smoothing 0.1 --lr-patience 2 --patience 4 --views 4 --ema 0.995
+	$(BIN)/captioner train --data $(DATA)/ucm-captions --out runs/ucm --epochs 15 --seed 0 --lr 1e-3 --alpha-c 0.1 --label-smoothing 0.1 --lr-patience 2 --patience 4 --views 4 --ema 0.995 --threads 1
 	$(BIN)/captioner evaluate --model runs/ucm/best.pt --data $(DATA)/ucm-captions --split test --beam 3

@@ -84,12 +84,12 @@ def drop_page_cache() -> bool:
 def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Run a command; (wall seconds, peak RSS in GiB of the process and its waited-for children)."""
     t = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads a pipe while the child runs
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"failed ({status}): {' '.join(cmd)}\n{err.read().decode()[-3000:]}")
     return time.time() - t, usage.ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -107,9 +107,9 @@ def measure(table: Path, root: Path, n: int, mode: str, args: argparse.Namespace
     cmd = train_cmd(table, root, f"run-{mode}", ram_gb, args, threads)
     if procs > 1:
         cmd = [*py, "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "captioner", "-q",
-               "train", *cmd]
+               "train", "--no-progress", *cmd]
     else:
-        cmd = [*py, "captioner", "-q", "train", *cmd]
+        cmd = [*py, "captioner", "-q", "train", "--no-progress", *cmd]
     cold = args.cold and drop_page_cache()
     wall, rss = run(cmd)
     log = json.loads((root / f"run-{mode}" / "log.jsonl").read_text().splitlines()[0])
@@ -132,7 +132,12 @@ def main() -> None:
     p.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
     p.add_argument("--dir", type=Path, default=None, help="where the synthetic sets go (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--write-set", nargs=4, metavar=("ROOT", "N", "VAL", "VIEWS"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.write_set:
+        root, n, n_val, views = args.write_set
+        write_set(Path(root), int(n), int(n_val), int(views))
+        return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from captioner.cpu import describe
 
@@ -150,7 +155,11 @@ def main() -> None:
                 print(f"| {n} | {need / 2**30:.1f} | skipped: {free / 2**30:.1f} GB free on disk | | | | |", flush=True)
                 continue
             root = base / f"n{n}"
-            table = write_set(root, n, args.val, args.views)
+            table = root / "captions.csv"
+            # in a child process: writing the caches maps every page of them into the writer, and a process
+            # started later inherits its parent's peak RSS as the floor of its own ru_maxrss (exec keeps it)
+            subprocess.run([sys.executable, __file__, "--write-set", str(root), str(n), str(args.val),
+                            str(args.views)], check=True)
             avail = int(Path("/proc/meminfo").read_text().split("MemAvailable:")[1].split()[0]) * 1024
             for mode in modes:
                 if mode == "ram" and n * args.views * ROW_BYTES > avail / 2:
@@ -165,6 +174,10 @@ def main() -> None:
             shutil.rmtree(root)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\n(this script's own peak RSS, the floor of every row's: {own:.2f} GB)")
     if args.json:
         args.json.write_text(json.dumps({"cpu": describe(), "decoder": args.decoder, "rows": rows}, indent=1) + "\n")
 

@@ -292,6 +292,16 @@ def _streamed(view: np.ndarray) -> np.ndarray | FileRows:
     return FileRows(view) if isinstance(view, np.memmap) and view.filename and hasattr(os, "preadv") else view
 
 
+def _in_ram(view: np.ndarray) -> np.ndarray:
+    """A RAM copy of a view. A file-backed memory map is read from its file (np.load without mmap), so the copy
+    is the only one counted in this process's RSS (copying from the map would map every page in as well)."""
+    if isinstance(view, np.memmap) and view.filename:
+        copy = np.load(view.filename)
+        if copy.shape == view.shape and copy.dtype == view.dtype:
+            return copy
+    return np.array(view)
+
+
 class CaptionPairs(Dataset):
     """Training items over cached features, each with a random cached view of its image (views are extra
     augmented crops/flips): per image, (view, all the image's captions) when `per_image` (the decoder then
@@ -301,7 +311,7 @@ class CaptionPairs(Dataset):
                  per_image: bool = True, in_ram: bool = True):
         # in RAM: one copy of every view (fp16); else each row is read from its cache file when drawn (FileRows).
         # The same draws either way: same batches.
-        self.views = [torch.from_numpy(np.array(v)) for v in views] if in_ram else [_streamed(v) for v in views]
+        self.views = [torch.from_numpy(_in_ram(v)) for v in views] if in_ram else [_streamed(v) for v in views]
         self.streamed = any(isinstance(v, FileRows) for v in self.views)  # rows come from disk when drawn
         self.captions, self.per_image = captions, per_image
         self.pairs = [(i, c) for i, caps in enumerate(captions) for c in caps]

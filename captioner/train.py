@@ -63,7 +63,7 @@ class TrainConfig:
     epochs: int = 30  # at most this many epochs
     batch_size: int = 64  # captions per batch (per process under torchrun)
     per_image: bool = True  # batches of whole images with all their captions (each image projected once), not of single captions
-    ram_gb: float = 4.0  # copy the cached training views into RAM if they total at most this many GB; else read them from the memory-mapped cache per batch (same batches either way)
+    ram_gb: float = 1.0  # copy the cached training views into RAM if they total at most this many GB, else stream them from the cache files, read ahead (same batches either way; streaming ran at 90-100% of the RAM copy's speed in bench/train_scale.py, and the copy adds its size to the RSS)
     lr: float = 4e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
     alpha_c: float = 1.0  # doubly stochastic attention regularisation (lambda)
