@@ -3,9 +3,10 @@
 Captions a dataset split with the same model once per backend: the eager prepared torch encoder (the reference:
 bf16 on CPUs with AMX / AVX512-BF16, fp32 elsewhere), and each of --backends: compiled (captioner/compiled.py),
 onnx (fp32 in ONNX Runtime), onnx-int8 (its calibrated int8 model), fp32 (the prepared torch network without bf16,
-what onnx reproduces). For each it reports, against eager: the largest feature difference and the lowest cosine
-between the annotation vectors, how many captions are identical (and what share), and the scores of both against
-the references (coco-compatible BLEU, CIDEr-D, ROUGE-L) with the BLEU-4 delta. Validation splits only: this is how
+what onnx reproduces). For each it reports, against eager: the largest feature difference and the lowest (and
+mean) cosine between the annotation vectors, how many captions are identical (and what share), and the scores of
+both against the references (coco-compatible BLEU, CIDEr-D, ROUGE-L) with the BLEU-4 delta; onnx-int8, when onnx
+runs too, also against onnx (its own fp32 model: what --int8 changes on a CPU whose default encoder is fp32). Validation splits only: this is how
 the options were checked. The CPU is named in the output.
 
     .venv/bin/python bench/agreement.py --data flickr8k:../shared/data/flickr8k --data coco:../shared/data/coco
@@ -90,14 +91,19 @@ def main() -> None:
     out = {"data": args.data, "split": args.split, "images": len(items), "beam": args.beam,
            "model": str(args.model or "shipped"), "cpu": describe(), "torch": torch.__version__,
            "eager": scores["eager"], "calibration": calibration}
+    def against(ref: str, backend: str) -> dict:
+        a, b = feats[ref].flatten(1), feats[backend].flatten(1)
+        cos = torch.nn.functional.cosine_similarity(a, b)
+        same = sum(x == y for x, y in zip(texts[ref], texts[backend]))
+        return {"feature_max_abs_diff": float((a - b).abs().max()), "feature_min_cosine": float(cos.min()),
+                "feature_mean_cosine": float(cos.mean()), "identical_captions": same,
+                "identical_share": round(same / max(1, len(items)), 4),
+                "bleu4_delta": round(scores[backend]["BLEU-4"] - scores[ref]["BLEU-4"], 5)}
+
     for backend in args.backends:
-        a, b = feats["eager"].flatten(1), feats[backend].flatten(1)
-        same = sum(x == y for x, y in zip(texts["eager"], texts[backend]))
-        out[backend] = {"feature_max_abs_diff": float((a - b).abs().max()),
-                        "feature_min_cosine": float(torch.nn.functional.cosine_similarity(a, b).min()),
-                        "identical_captions": same, "identical_share": round(same / max(1, len(items)), 4),
-                        "bleu4_delta": round(scores[backend]["BLEU-4"] - scores["eager"]["BLEU-4"], 5),
-                        "scores": scores[backend]}
+        out[backend] = {**against("eager", backend), "scores": scores[backend]}
+    if "onnx-int8" in args.backends and "onnx" in args.backends:  # int8 against its own fp32 model: what --int8
+        out["onnx-int8"]["against_onnx"] = against("onnx", "onnx-int8")  # changes where fp32 is the default
     if args.backends == ["compiled"]:  # the layout of the earlier results (agreement-*.json)
         out.update({k: out["compiled"][k] for k in ("feature_max_abs_diff", "feature_min_cosine",
                                                     "identical_captions")})

@@ -1,9 +1,12 @@
 """Throughput / latency / memory benchmark of the shipped captioner on this machine's CPU (see bench/README.md).
 
     .venv/bin/python bench/bench.py --images 200 --json bench/results.json   [--quick] [--threads N]
+        [--backends torch,onnx,onnx-int8,compiled] [--calibrate N [--calibrate-from FOLDER]]
 
 The parent generates the inputs once (JPEG "photos", an H.264 video) and runs every stage in a fresh Python
-process (so each stage's peak RSS is its own), then prints a Markdown table."""
+process (so each stage's peak RSS is its own), then prints two Markdown tables: the encoder backends side by
+side (`captioner caption` greedy / beam 3, the one-thread encoder, single-image latency), and every measurement
+with its backend. Each table names the CPU."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+BACKENDS = ("torch", "onnx", "onnx-int8", "compiled")  # what --backends may name (issue 18)
 GOALS = {"caption_b1": 60.0, "caption_b3": 30.0, "speedup": 5.0, "latency_b3_p50_ms": 100.0}  # the issue's, 2 cores
 
 
@@ -69,18 +73,21 @@ def make_video(path: Path, seconds: int, fps: int = 25, size: tuple[int, int] = 
         out.mux(stream.encode())
 
 
-def run_cli(argv: list[str], out: str) -> tuple[float, float, str]:
-    """Run `captioner ARGV -o OUT` in this process: (seconds in all, seconds in Captioner.load, OUT's text).
-    Captioner.load is wrapped to time it, so that model loading can be excluded; imports happen before."""
+def run_cli(argv: list[str], out: str) -> tuple[float, float, str, str]:
+    """Run `captioner ARGV -o OUT` in this process: (seconds in all, seconds in Captioner.load, OUT's text, the
+    encoder backend that ran: Captioner.backend). Captioner.load is wrapped to time it, so that model loading
+    (and the backend's set-up) can be excluded; imports happen before."""
     from captioner.cli import main
     from captioner.model import Captioner
 
-    spent, original = [], Captioner.load.__func__
+    spent, loaded, original = [], [], Captioner.load.__func__
 
     def load(cls, *a, **kw):
         t = time.perf_counter()
         try:
-            return original(cls, *a, **kw)
+            cap = original(cls, *a, **kw)
+            loaded.append(cap)
+            return cap
         finally:
             spent.append(time.perf_counter() - t)
     Captioner.load = classmethod(load)
@@ -89,7 +96,19 @@ def run_cli(argv: list[str], out: str) -> tuple[float, float, str]:
         rc = main(["-q", *argv, "-o", f"{tmp}/{out}"])
         total = time.perf_counter() - t
         assert rc == 0, f"captioner {argv[0]} exited with {rc}"
-        return total, spent[0], Path(f"{tmp}/{out}").read_text()
+        return total, spent[0], Path(f"{tmp}/{out}").read_text(), str(getattr(loaded[0], "backend", "?"))
+
+
+def backend_flags(backend: str) -> list[str]:
+    """The CLI flags that choose `backend` (one of BACKENDS, or auto: the default path)."""
+    return ["--backend", "onnx", "--int8"] if backend == "onnx-int8" else ["--backend", backend]
+
+
+def load_backend(backend: str):
+    """The shipped (or CAPTIONER_MODEL) captioner encoding with `backend` (auto, or one of BACKENDS)."""
+    from captioner.model import Captioner
+
+    return Captioner.load(backend="onnx", int8=True) if backend == "onnx-int8" else Captioner.load(backend=backend)
 
 
 def repeat(fn, reps: int, warmup: int) -> list[float]:
@@ -106,7 +125,7 @@ def stage_encoder(args, data: Path) -> dict:
     cap = Captioner.load()  # its encoder is prepared for inference (BN folded, bf16 weights where fast)
     plain = plain_encoder(cap)
     x = cap.preprocess([load_image(p) for p in sorted(data.glob("*.jpg"))[:32]])
-    out = {"bf16_autocast": cpu_has_fast_bf16()}
+    out = {"bf16_autocast": cpu_has_fast_bf16(), "backend": "torch"}
     with torch.no_grad():
         for name, fn in (("fp32", lambda: plain(x)), ("autocast", lambda: plain.encode(x)),
                          ("fast", lambda: torch.cat([cap.encoder.encode(c)[0] for c in x.split(ENCODE_CHUNK)]))):
@@ -114,20 +133,22 @@ def stage_encoder(args, data: Path) -> dict:
     return out
 
 
-def stage_caption(args, data: Path, beam: int, compiled: bool = False) -> dict:
-    flags = ["--compile"] if compiled else []  # the package was built before the stages ran (main)
-    total, load, _ = run_cli(["caption", str(data), "--beam", str(beam), "--batch-size", "32", "--no-progress", *flags],
-                             "o.csv")
+def stage_caption(args, data: Path, beam: int, backend: str = "auto") -> dict:
+    """`captioner caption` with `backend` (auto: no flag, the default path). The compiled package, the onnx
+    export, auto's measurement and the int8 model were made before the stages ran (main)."""
+    flags = [] if backend == "auto" else backend_flags(backend)
+    total, load, _, ran = run_cli(["caption", str(data), "--beam", str(beam), "--batch-size", "32", "--no-progress",
+                                   *flags], "o.csv")
     n = len(list(data.glob("*.jpg")))
-    return {"images": n, "load_s": load, "total_s": total, "ips": n / (total - load), "ips_with_load": n / total}
+    return {"backend": ran, "images": n, "load_s": load, "total_s": total, "ips": n / (total - load),
+            "ips_with_load": n / total}
 
 
-def stage_latency(args, data: Path) -> dict:
+def stage_latency(args, data: Path, backend: str = "auto") -> dict:
     from captioner.images import load_image
-    from captioner.model import Captioner
 
-    cap = Captioner.load()
-    img, out = load_image(sorted(data.glob("*.jpg"))[0]), {}
+    cap = load_backend(backend)
+    img, out = load_image(sorted(data.glob("*.jpg"))[0]), {"backend": cap.backend}
     for beam in (1, 3):
         ms = 1000 * np.array(repeat(lambda: cap.caption([img], beam=beam), args.reps_lat, 5))
         out[f"b{beam}_p50"], out[f"b{beam}_p90"] = np.percentile(ms, 50), np.percentile(ms, 90)
@@ -135,9 +156,9 @@ def stage_latency(args, data: Path) -> dict:
 
 
 def stage_video(args, video: Path, every: float) -> dict:
-    total, load, out = run_cli(["video", str(video), "--every", str(every)], "out.json")
+    total, load, out, ran = run_cli(["video", str(video), "--every", str(every)], "out.json")
     frames = len(json.loads(out)["videos"][0]["times"])
-    return {"frames": frames, "load_s": load, "total_s": total, "fps": frames / (total - load)}
+    return {"backend": ran, "frames": frames, "load_s": load, "total_s": total, "fps": frames / (total - load)}
 
 
 def plain_encoder(cap):
@@ -204,7 +225,7 @@ def stage_baseline(args, data: Path, beam: int) -> dict:
     enc = plain_encoder(cap)
     run = lambda: [baseline_caption(cap, enc, p, beam, cap.search_cfg.max_len) for p in paths]  # noqa: E731
     [baseline_caption(cap, enc, p, beam, cap.search_cfg.max_len) for p in paths[:3]]  # warm-up
-    return {"images": len(paths), "ips": len(paths) / repeat(run, 1, 0)[0]}
+    return {"backend": "torch (eager fp32, per image)", "images": len(paths), "ips": len(paths) / repeat(run, 1, 0)[0]}
 
 
 def _encode_loop(cap, x, reps: int, barrier, results) -> None:
@@ -224,7 +245,8 @@ def stage_ceiling(args, data: Path) -> dict:
     (32 images: decode + resize + crop, encode, search), and the encoder's throughput when 2 one-thread
     processes run it side by side (they compete for the cores' shared resources). From the one-thread costs:
     the most `cores` one-thread workers could do with perfect scaling, perfect overlap and no other overhead
-    (an upper bound: side by side, the encoder alone already loses some of it)."""
+    (an upper bound: side by side, the encoder alone already loses some of it). The encode step and the bound
+    are also given for each other backend of --backends (the same 32 images, each backend in its own Captioner)."""
     import multiprocessing as mp
 
     import torch
@@ -237,13 +259,19 @@ def stage_ceiling(args, data: Path) -> dict:
     load = lambda: files[0][1]  # noqa: E731
     x, ms = load(), lambda fn: 1000 * float(np.median(repeat(fn, 5, 1))) / len(paths)  # noqa: E731
     cap.warm_up()
-    out = {"decode_ms": ms(load)}
+    out = {"backend": cap.backend, "decode_ms": ms(load), "encode_backend_ms": {}}
     with torch.no_grad():
         out["encode_ms"], feats = ms(lambda: cap.encode(x)), cap.encode(x)
-        if args.compiled:
-            cap.compile_encoder()
-            out["encode_compiled_ms"] = ms(lambda: cap.encode(x))
-            cap.compiled = None
+        for name in args.backends:
+            if name == "torch":
+                out["encode_backend_ms"][name] = out["encode_ms"]
+                continue
+            other = load_backend(name)  # loaded at one thread: its onnxruntime session runs at one thread
+            other.warm_up()
+            out["encode_backend_ms"][name] = ms(lambda: other.encode(x))  # noqa: B023 - called right here
+            del other
+        if "compiled" in out["encode_backend_ms"]:  # the key of the earlier results
+            out["encode_compiled_ms"] = out["encode_backend_ms"]["compiled"]
         for b in (1, 3):
             cfg = cap.search_config(beam=b)
             out[f"search_b{b}_ms"] = ms(lambda: cap.caption_features(feats, cfg))
@@ -259,19 +287,90 @@ def stage_ceiling(args, data: Path) -> dict:
     out["encode_side_by_side_ips"] = cores * reps * len(paths) / max(spent)
     for b in (1, 3):
         out[f"ceiling_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + out["encode_ms"] + out[f"search_b{b}_ms"])
-        if args.compiled:
-            out[f"ceiling_compiled_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + out["encode_compiled_ms"]
-                                                                + out[f"search_b{b}_ms"])
+        for name, enc_ms in out["encode_backend_ms"].items():
+            if name != "torch":  # ceiling_compiled_b1_ips, ceiling_onnx_b1_ips, ceiling_onnx-int8_b1_ips, ...
+                out[f"ceiling_{name}_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + enc_ms + out[f"search_b{b}_ms"])
     return out
 
 
-STAGES = {  # name -> (function, extra arguments); "large": run on the --large folder
+def stage_prepare(args, data: Path) -> dict:
+    """The onnx backends' one-off steps, timed, in the bench's own cache (as --compile's build): the ONNX export,
+    auto's measurement (so that no caption stage pays for them), and the int8 model: calibrated here on
+    --calibrate N images (the generated ones, or --calibrate-from), else copied with its fp32 export from the
+    user's cache when a valid calibrated one is there. Reports what auto picks and whether int8 is available."""
+    import shutil
+
+    from captioner.backendcli import calibration_batches, spread
+    from captioner.backends import choose
+    from captioner.errors import CaptionerError
+    from captioner.images import find_images
+    from captioner.model import Captioner
+    from captioner.onnx_encoder import check_int8, export_path, onnx_encoder, problem, quantize, read_record
+
+    cap = Captioner.load(prepare=False)
+    cap.encoder.prepare_inference(cap.device, bf16=False)  # what the onnx export and auto's measurement take
+    size, out = cap.input_size(), {"int8": False, "int8_source": None}
+    user_fp32 = export_path(cap.encoder, size, Path(args.user_cache))
+    if not args.calibrate and problem(user_fp32) is None:
+        try:
+            user_int8 = check_int8(user_fp32)
+        except CaptionerError:
+            user_int8 = None
+        if user_int8 is not None:
+            dest = export_path(cap.encoder, size).parent
+            dest.mkdir(parents=True, exist_ok=True)
+            for model in (user_fp32, user_int8):
+                for f in (model, model.with_suffix(".json")):
+                    shutil.copy2(f, dest / f.name)
+            out["int8_source"] = f"calibrated before ({(read_record(user_int8) or {}).get('calibration_images', '?')} " \
+                                 f"images), copied from {user_int8.parent}"
+    t = time.perf_counter()
+    onnx = onnx_encoder(cap.encoder, size)
+    out["export_s"], out["exported"] = time.perf_counter() - t, out["int8_source"] is None
+    t = time.perf_counter()
+    choice = choose(cap)
+    out.update(auto=choice.backend, auto_reason=choice.reason, auto_ms=choice.ms_per_image,
+               measure_s=time.perf_counter() - t)
+    if args.calibrate:
+        source = Path(args.calibrate_from) if args.calibrate_from else data
+        paths, _ = find_images([source], recursive=True)
+        t = time.perf_counter()
+        _, used = quantize(onnx.path, calibration_batches(cap, spread(paths, args.calibrate), 8),
+                           {"calibration_of": "bench/bench.py --calibrate", "calibration_inputs": [str(source)]})
+        out.update(calibrate_s=time.perf_counter() - t, int8_source=f"calibrated here on {used} images of "
+                   + (str(source) if args.calibrate_from else "the generated JPEGs"))
+    try:
+        check_int8(onnx.path)
+        out["int8"] = True
+    except CaptionerError:
+        out["int8_source"] = None
+    return out
+
+
+STAGES = {  # name -> (function, extra arguments); "large": run on the --large folder; caption_*, large_*,
+    # latency: the default path (--backend auto); {backend}_b1 / _b3 and latency_{backend}: that backend
     "encoder": (stage_encoder, ()), "caption_b1": (stage_caption, (1,)), "caption_b3": (stage_caption, (3,)),
-    "compiled_b1": (stage_caption, (1, True)), "compiled_b3": (stage_caption, (3, True)),
+    **{f"{name}_b{b}": (stage_caption, (b, name)) for name in BACKENDS for b in (1, 3)},  # compiled_b1, onnx_b3, ...
     "large_b1": (stage_caption, (1,)), "large_b3": (stage_caption, (3,)),
-    "large_compiled_b1": (stage_caption, (1, True)), "large_compiled_b3": (stage_caption, (3, True)),
-    "latency": (stage_latency, ()), "video_1": (stage_video, (1.0,)), "video_0.5": (stage_video, (0.5,)),
-    "baseline_b1": (stage_baseline, (1,)), "baseline_b3": (stage_baseline, (3,)), "ceiling": (stage_ceiling, ())}
+    "large_compiled_b1": (stage_caption, (1, "compiled")), "large_compiled_b3": (stage_caption, (3, "compiled")),
+    "latency": (stage_latency, ()), **{f"latency_{name}": (stage_latency, (name,)) for name in BACKENDS},
+    "video_1": (stage_video, (1.0,)), "video_0.5": (stage_video, (0.5,)),
+    "baseline_b1": (stage_baseline, (1,)), "baseline_b3": (stage_baseline, (3,)), "ceiling": (stage_ceiling, ()),
+    "prepare": (stage_prepare, ())}
+# a backend's stage that measures what the default-path stage already did when auto picked that backend
+SAME_AS_DEFAULT = {**{f"{name}_b{b}": (f"caption_b{b}", name) for name in BACKENDS for b in (1, 3)},
+                   **{f"latency_{name}": ("latency", name) for name in BACKENDS}}
+
+
+def stage_order(args) -> list[str]:
+    """The stages this run measures, in order (prepare and the compiled build come first, in main)."""
+    order = ["encoder"]
+    for b in (1, 3):
+        order += [f"caption_b{b}"] + [f"{name}_b{b}" for name in args.backends]
+    for b in (1, 3) if args.large else ():
+        order += [f"large_b{b}"] + ([f"large_compiled_b{b}"] if "compiled" in args.backends else [])
+    return order + ["latency"] + [f"latency_{name}" for name in args.backends] + [
+        "video_1", "video_0.5", "baseline_b1", "baseline_b3", "ceiling"]
 
 
 def build_compiled(args) -> dict:
@@ -297,7 +396,9 @@ def child(args) -> None:
 
 def run_stage(args, stage: str, inp: Path) -> dict:
     cmd = [sys.executable, __file__, "--stage", stage, "--input", str(inp), "--threads", str(args.threads),
-           "--reps-enc", str(args.reps_enc), "--reps-lat", str(args.reps_lat)] + ([] if args.compiled else ["--no-compiled"])
+           "--reps-enc", str(args.reps_enc), "--reps-lat", str(args.reps_lat), "--backends", ",".join(args.backends),
+           "--calibrate", str(args.calibrate), "--user-cache", args.user_cache]
+    cmd += ["--calibrate-from", str(args.calibrate_from)] if args.calibrate_from else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -306,62 +407,137 @@ def run_stage(args, stage: str, inp: Path) -> dict:
     return json.loads(lines[-1][7:])
 
 
+def one_off(r: dict, name: str) -> str:
+    """The one-off step `name` needs before it runs (made before the stages, not counted in any img/s)."""
+    prep = r.get("prepare", {})
+    if name == "compiled" and "compile" in r:
+        return f"build {r['compile']['build_s']:.0f} s"
+    if name == "onnx":
+        return f"export {prep['export_s']:.0f} s" if prep.get("exported") else "export copied from the user's cache"
+    if name == "onnx-int8":
+        took = f"{prep['calibrate_s']:.0f} s, " if "calibrate_s" in prep else ""
+        return f"int8 model: {took}{prep.get('int8_source') or '?'}"
+    return ""
+
+
+def backend_table(r: dict, args) -> str:
+    """The backends side by side: caption img/s, speed-up, one-thread encoder, upper bound, latency (beam 3)."""
+    met = lambda good: "yes" if good else "NO"  # noqa: E731
+    ce, default, prep = r["ceiling"], r["caption_b1"]["backend"], r.get("prepare", {})
+    settings = r.get("settings", {})
+    rows = []
+    for name in args.backends:
+        c1, c3, lat = r[f"{name}_b1"], r[f"{name}_b3"], r[f"latency_{name}"]
+        x1, x3 = (c["ips"] / r[f"baseline_b{b}"]["ips"] for b, c in ((1, c1), (3, c3)))
+        bound = [ce[f"ceiling_b{b}_ips"] if name == "torch" else ce[f"ceiling_{name}_b{b}_ips"] for b in (1, 3)]
+        rows.append(f"| {name}{' (auto: the default here)' if name == default else ''} "
+                    f"| {c1['ips']:.1f} ({met(c1['ips'] >= GOALS['caption_b1'])}) "
+                    f"| {c3['ips']:.1f} ({met(c3['ips'] >= GOALS['caption_b3'])}) "
+                    f"| {x1:.1f}x / {x3:.1f}x ({met(min(x1, x3) >= GOALS['speedup'])}) "
+                    f"| {ce['encode_backend_ms'][name]:.2f} | {bound[0]:.0f} / {bound[1]:.0f} "
+                    f"| {lat['b3_p50']:.1f} / {lat['b3_p90']:.1f} ({met(lat['b3_p50'] <= GOALS['latency_b3_p50_ms'])}) "
+                    f"| {c3['rss_mib']:.0f} + {c3['workers_rss_mib']:.0f} | {one_off(r, name)} |")
+    measured = ", ".join(f"{k} {v:.1f}" for k, v in prep.get("auto_ms", {}).items())
+    return "\n".join([
+        f"CPU: {settings.get('cpu', '?')}; model: {settings.get('model', 'shipped')}; {args.threads} threads; "
+        f"{r['caption_b1']['images']} JPEGs, batch 32, model load excluded. Encoder backends side by side; "
+        f"`--backend auto` picks {default} here ({prep.get('auto_reason', '?')}: {measured} ms/img at one thread, "
+        "batches of 8)", "",
+        f"| backend | `captioner caption` greedy, img/s (>= {GOALS['caption_b1']:.0f}) "
+        f"| beam 3, img/s (>= {GOALS['caption_b3']:.0f}) | speed-up over the per-image baseline, greedy / beam 3 "
+        f"(>= {GOALS['speedup']:.0f}x) | encoder, one thread, ms/img | upper bound greedy / beam 3, img/s "
+        f"| single image, beam 3, p50 / p90 ms (<= {GOALS['latency_b3_p50_ms']:.0f}) "
+        "| peak RSS MiB, caption beam 3: main + workers | one-off step (not counted) |",
+        "|---|---|---|---|---|---|---|---|---|", *rows])
+
+
 def table(r: dict, args) -> str:
     met = lambda good: "yes" if good else "NO"  # noqa: E731
     enc, lat = r["encoder"], r["latency"]
     bf16 = "" if enc["bf16_autocast"] else " (no bf16 on this CPU: fp32)"
-    rows = [("encoder alone, batch 32, fp32 (as loaded from the package)", f"{enc['fp32']:.1f} img/s", "", "", enc["rss_mib"]),
-            (f"encoder alone, batch 32, channels_last + bf16 autocast{bf16}", f"{enc['autocast']:.1f} img/s",
+    default = f"auto: {r['caption_b1']['backend']}"
+    rows = [("encoder alone, batch 32, fp32 (as loaded from the package)", "torch", f"{enc['fp32']:.1f} img/s", "",
+             "", enc["rss_mib"]),
+            (f"encoder alone, batch 32, channels_last + bf16 autocast{bf16}", "torch", f"{enc['autocast']:.1f} img/s",
              "", "", enc["rss_mib"]),
             ("encoder alone, 32 images in chunks of 8, as `captioner` runs it (BatchNorm folded, bf16 weights where "
-             "fast: `Encoder.prepare_inference`)", f"{enc['fast']:.1f} img/s", "", "", enc["rss_mib"])]
+             "fast: `Encoder.prepare_inference`)", "torch", f"{enc['fast']:.1f} img/s", "", "", enc["rss_mib"])]
     build = f"; its one-off build took {r['compile']['build_s']:.0f} s (not counted)" if "compile" in r else ""
-    variants = [("caption", "", ""), ("compiled", " --compile", build), ("large", "", ""),
-                ("large_compiled", " --compile", build)]
     for b in (1, 3):
         base, goal = r[f"baseline_b{b}"], GOALS[f"caption_b{b}"]
         rows.append((f"baseline per-image (tutorial style, fp32), beam {b}; runs: "
-                     + " / ".join(f"{v:.1f}" for v in base["runs"]), f"{base['ips']:.1f} img/s", "", "", base["rss_mib"]))
-        for name, flag, note in variants:
-            c = r.get(f"{name}_b{b}")
+                     + " / ".join(f"{v:.1f}" for v in base["runs"]), "torch (eager fp32, per image)",
+                     f"{base['ips']:.1f} img/s", "", "", base["rss_mib"]))
+        variants = [("caption", "", "", default)]  # the default path, then each other backend
+        variants += [(name, " " + " ".join(backend_flags(name)), f"; one-off: {one_off(r, name)} (not counted)"
+                      if one_off(r, name) else "", name)
+                     for name in args.backends if r[f"{name}_b{b}"] is not r[f"caption_b{b}"]]
+        variants += [("large", "", "", default), ("large_compiled", " --compile", build, "compiled")]
+        for key, flag, note, backend in variants:
+            c = r.get(f"{key}_b{b}")
             if c is None:
                 continue
             extra = (f" (incl.: {c['ips_with_load']:.1f}; whole process with imports: {c['process_ips']:.1f})"
                      if "process_ips" in c else "")
             rows += [(f"`captioner caption{flag}`, {c['images']} JPEGs, beam {b}, batch 32, excl. {c['load_s']:.1f} s "
-                      f"model load{extra}{note}; runs: " + " / ".join(f"{v:.1f}" for v in c["runs"]),
+                      f"model load{extra}{note}; runs: " + " / ".join(f"{v:.1f}" for v in c["runs"]), backend,
                       f"{c['ips']:.1f} img/s", f">= {goal:.0f}", met(c["ips"] >= goal),
                       f"{c['rss_mib']:.0f} + workers {c['workers_rss_mib']:.0f}"),
-                     (f"speed-up over the baseline: the row above / baseline beam {b}", f"{c['ips'] / base['ips']:.1f}x",
-                      ">= 5x", met(c["ips"] / base["ips"] >= GOALS["speedup"]), "")]
+                     (f"speed-up over the baseline: the row above / baseline beam {b}", backend,
+                      f"{c['ips'] / base['ips']:.1f}x", ">= 5x", met(c["ips"] / base["ips"] >= GOALS["speedup"]), "")]
     ce = r["ceiling"]
     rows.append((f"one thread, CPU ms per image: decode + resize + crop / encode / search beam 1 / beam 3; "
                  f"{os.cpu_count()} one-thread encoders side by side, img/s together (vs {os.cpu_count()} x one alone)",
+                 ce.get("backend", "torch"),
                  f"{ce['decode_ms']:.2f} / {ce['encode_ms']:.2f} / {ce['search_b1_ms']:.2f} / {ce['search_b3_ms']:.2f} ms; "
                  f"{ce['encode_side_by_side_ips']:.0f} img/s (vs {1000 * os.cpu_count() / ce['encode_ms']:.0f})",
                  "", "", ce["rss_mib"]))
-    if "encode_compiled_ms" in ce:
-        rows.append(("one thread, CPU ms per image: encode with the compiled encoder (`--compile`)",
-                     f"{ce['encode_compiled_ms']:.2f} ms", "", "", ce["rss_mib"]))
-    for key, how in (("ceiling", ""), ("ceiling_compiled", ", compiled encoder")):
-        for b in (1, 3) if f"{key}_b1_ips" in ce else ():
-            ratio = ce[f"{key}_b{b}_ips"] / r[f"baseline_b{b}"]["ips"]
-            rows.append((f"upper bound for `captioner caption`{how} from the one-thread costs above, beam {b} (perfect "
-                         "scaling and overlap, no other overhead), and its ratio to the baseline",
-                         f"{ce[f'{key}_b{b}_ips']:.0f} img/s ({ratio:.1f}x)", "", "", ""))
+    others = [name for name in ce.get("encode_backend_ms", {}) if name != "torch"]
+    for name in others:
+        rows.append(("one thread, CPU ms per image: encode", name, f"{ce['encode_backend_ms'][name]:.2f} ms", "", "",
+                     ce["rss_mib"]))
+    for name in ["torch", *others]:
+        key = "ceiling" if name == "torch" else f"ceiling_{name}"
+        bound = [ce[f"{key}_b{b}_ips"] for b in (1, 3)]
+        ratio = [bound[i] / r[f"baseline_b{b}"]["ips"] for i, b in enumerate((1, 3))]
+        rows.append(("upper bound for `captioner caption` from the one-thread costs above, beam 1 / beam 3 (perfect "
+                     "scaling and overlap, no other overhead), and its ratio to the baseline", name,
+                     f"{bound[0]:.0f} / {bound[1]:.0f} img/s ({ratio[0]:.1f}x / {ratio[1]:.1f}x)", "", "", ""))
     for b in (1, 3):
         rows.append((f"single image 640x480 `cap.caption([img])`, beam {b}, p50 / p90 ({args.reps_lat} reps)",
-                     f"{lat[f'b{b}_p50']:.1f} / {lat[f'b{b}_p90']:.1f} ms", "<= 100 ms" if b == 3 else "",
-                     met(lat["b3_p50"] <= GOALS["latency_b3_p50_ms"]) if b == 3 else "", lat["rss_mib"]))
+                     f"auto: {lat.get('backend', '?')}", f"{lat[f'b{b}_p50']:.1f} / {lat[f'b{b}_p90']:.1f} ms",
+                     "<= 100 ms" if b == 3 else "", met(lat["b3_p50"] <= GOALS["latency_b3_p50_ms"]) if b == 3 else "",
+                     lat["rss_mib"]))
+    for name in args.backends:
+        v = r[f"latency_{name}"]
+        if v is not lat:
+            rows.append((f"single image 640x480 `cap.caption([img])`, beam 3, p50 / p90 ({args.reps_lat} reps)", name,
+                         f"{v['b3_p50']:.1f} / {v['b3_p90']:.1f} ms", "<= 100 ms",
+                         met(v["b3_p50"] <= GOALS["latency_b3_p50_ms"]), v["rss_mib"]))
     for every in ("1", "0.5"):
         v = r[f"video_{every}"]
         rows.append((f"`captioner video` {args.seconds} s 640x360 H.264, --every {every} ({v['frames']} frames, "
-                     "decode + caption, beam 3, excl. load)", f"{v['fps']:.1f} frames/s", "", "", v["rss_mib"]))
+                     "decode + caption, beam 3, excl. load)", f"auto: {v.get('backend', '?')}",
+                     f"{v['fps']:.1f} frames/s", "", "", v["rss_mib"]))
     settings = r.get("settings", {})
-    out = [f"CPU: {settings.get('cpu', '?')}; model: {settings.get('model', 'shipped')}", "",
-           "| measurement | result | goal | met | peak RSS MiB |", "|---|---|---|---|---|"]
-    out += [f"| {a} | {b} | {c} | {d} | {e if isinstance(e, str) else f'{e:.0f}'} |" for a, b, c, d, e in rows]
+    out = [f"CPU: {settings.get('cpu', '?')}; model: {settings.get('model', 'shipped')}; {args.threads} threads", "",
+           "| measurement | backend | result | goal | met | peak RSS MiB |", "|---|---|---|---|---|---|"]
+    out += [f"| {a} | {k} | {b} | {c} | {d} | {e if isinstance(e, str) else f'{e:.0f}'} |" for a, k, b, c, d, e in rows]
     return "\n".join(out)
+
+
+def backend_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name not in BACKENDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown backend {bad[0]!r}: use {', '.join(BACKENDS)}")
+    return list(dict.fromkeys(names))
+
+
+def user_cache() -> str:
+    """The user's captioner cache (compiled.cache_root, without importing torch here)."""
+    env = os.environ.get("CAPTIONER_CACHE")
+    return env or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner")
 
 
 def main() -> None:
@@ -374,17 +550,32 @@ def main() -> None:
     p.add_argument("--large", type=int, default=1000, help="also caption a folder of this many images (0: skip)")
     p.add_argument("--model", type=Path, default=None,
                    help="model file to measure (default: the shipped one); every stage gets it as CAPTIONER_MODEL")
+    p.add_argument("--backends", type=backend_list, default=None, metavar="LIST",
+                   help=f"encoder backends compared side by side, comma-separated, of {','.join(BACKENDS)} (default: "
+                        "torch,onnx, plus onnx-int8 when a calibrated int8 model exists in the user's cache or "
+                        "--calibrate is given, plus compiled unless --no-compiled)")
     p.add_argument("--no-compiled", dest="compiled", action="store_false",
-                   help="skip the `--compile` stages (they build the compiled encoder first: ~20 s, needs g++)")
+                   help="leave compiled out of the default --backends (it builds the compiled encoder first: "
+                        "~20-45 s, needs g++)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="make the int8 model for onnx-int8 from N images first (default: use a calibrated one from "
+                        "the user's cache, if any)")
+    p.add_argument("--calibrate-from", type=Path, default=None, metavar="FOLDER",
+                   help="real images to calibrate on (e.g. a dataset's training images; default: the generated JPEGs)")
     for flag, kw in (("--stage", {"choices": STAGES}), ("--input", {}), ("--reps-enc", {"type": int, "default": 10}),
-                     ("--reps-lat", {"type": int, "default": 30})):  # internal: parent -> stage process
-        p.add_argument(flag, help=argparse.SUPPRESS, **kw)
+                     ("--reps-lat", {"type": int, "default": 30}), ("--user-cache", {"default": ""})):
+        p.add_argument(flag, help=argparse.SUPPRESS, **kw)  # internal: parent -> stage process
     args = p.parse_args()
     if args.stage:
+        args.backends = args.backends or []
         return child(args)
     if args.quick:
         args.images, args.reps_enc, args.reps_lat, args.runs, args.large = min(args.images, 48), 3, 10, 1, 0
     args.seconds = 10 if args.quick else 60
+    args.user_cache = user_cache()  # before CAPTIONER_CACHE names the bench's own
+    requested = args.backends
+    if requested is not None:
+        args.compiled = "compiled" in requested
     if args.model:
         os.environ["CAPTIONER_MODEL"] = str(args.model.resolve())  # the stage processes inherit it
     (all0, own0), wall0 = cpu_seconds(), time.perf_counter()
@@ -395,10 +586,23 @@ def main() -> None:
             make_images(large, args.large, seed=1)
         os.environ["CAPTIONER_CACHE"] = f"{tmp}/cache"  # the stage processes inherit it
         results = {"compile": build_compiled(args)} if args.compiled else {}
-        print(f"inputs ready; load average {os.getloadavg()[0]:.2f}; running the stages", file=sys.stderr)
-        stages = [s for s in STAGES if (args.large or "large" not in s) and (args.compiled or "compiled" not in s)]
-        for s in stages:  # caption and baseline stages vary most from run to run: the run with the median img/s of --runs
-            reps = args.runs if s.startswith(("caption", "baseline", "compiled", "large")) else 1
+        args.backends = []
+        results["prepare"] = run_stage(args, "prepare", images)  # onnx export, auto's measurement, int8
+        int8 = results["prepare"]["int8"]
+        if requested is None:
+            requested = ["torch", "onnx"] + (["onnx-int8"] if int8 else []) + (["compiled"] if args.compiled else [])
+        elif "onnx-int8" in requested and not int8:
+            sys.exit("onnx-int8: no calibrated int8 model for this model in the user's cache "
+                     f"({args.user_cache}): give --calibrate N (or run `captioner calibrate FOLDER` first)")
+        args.backends = requested
+        print(f"inputs ready; backends {', '.join(args.backends)} (auto: {results['prepare']['auto']}); "
+              f"load average {os.getloadavg()[0]:.2f}; running the stages", file=sys.stderr)
+        for s in stage_order(args):  # caption and baseline stages vary most from run to run: the run with the median img/s of --runs
+            same = SAME_AS_DEFAULT.get(s)
+            if same and results.get(same[0], {}).get("backend") == same[1]:
+                results[s] = results[same[0]]  # auto ran this backend: the default path's stage is this one
+                continue
+            reps = args.runs if STAGES[s][0] in (stage_caption, stage_baseline) else 1
             inp = video if s.startswith("video") else large if s.startswith("large") else images
             runs = sorted((run_stage(args, s, inp) for _ in range(reps)), key=lambda r: r.get("ips", 0))
             results[s] = dict(runs[len(runs) // 2], runs=[r.get("ips") for r in runs])
@@ -413,9 +617,12 @@ def main() -> None:
     from captioner.cpu import describe
 
     results["settings"] = dict(vars(args), json=str(args.json), model=str(args.model or "shipped"), cpus=os.cpu_count(),
-                               cpu=describe(), wall_s=wall, other_cpu_s=other)
+                               cpu=describe(), wall_s=wall, other_cpu_s=other,
+                               calibrate_from=str(args.calibrate_from) if args.calibrate_from else None)
     print(f"other processes used {other:.1f} CPU-s of {wall * os.cpu_count():.0f} during the run"
           + (": NOT a quiet machine, rerun" if other > 0.05 * wall * os.cpu_count() else ""), file=sys.stderr)
+    print(backend_table(results, args))
+    print()
     print(table(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
