@@ -81,11 +81,11 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+def run(cmd: list[str]) -> tuple[float, float]:
     """Run a command; (wall seconds, peak RSS in GiB of the process and its waited-for children)."""
     t = time.time()
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: nobody reads a pipe while the child runs
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         err.seek(0)
         if os.waitstatus_to_exitcode(status):

@@ -170,7 +170,8 @@ def use_backend(cap: "Captioner", backend: str, int8: bool = False, root: Path |
         raise CaptionerError("--int8 is for the onnx backend (leave out --backend, or --backend onnx)")
     if cap.encoder.prepared and cap.encoder.weights_dtype != torch.float32:
         raise CaptionerError("choose the backend before the encoder is prepared in bf16 (Captioner.load(backend=))")
-    cap.encoder.prepare_inference(cap.device, bf16=False)  # BatchNorm folded, fp32: what onnx exports
+    if backend in ("auto", "onnx"):
+        cap.encoder.prepare_inference(cap.device, bf16=False)  # BatchNorm folded, fp32: what onnx exports
     if backend == "auto":
         backend = "onnx" if int8 else choose(cap, root).backend
     if backend == "onnx":
