@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 BACKENDS = ("torch", "onnx", "onnx-int8", "compiled")  # what --backends may name (issue 18)
+# what each forced backend runs, as Captioner.runtimes names it: ENCODER/DECODER
+RUNTIMES = {"torch": "torch/torch", "onnx": "onnx/onnx", "onnx-int8": "onnx-int8/onnx", "compiled": "compiled/torch"}
 GOALS = {"caption_b1": 60.0, "caption_b3": 30.0, "speedup": 5.0, "latency_b3_p50_ms": 100.0}  # the issue's, 2 cores
 
 
@@ -76,7 +78,8 @@ def make_video(path: Path, seconds: int, fps: int = 25, size: tuple[int, int] = 
 def run_cli(argv: list[str], out: str) -> tuple[float, float, str, str]:
     """Run `captioner ARGV -o OUT` in this process: (seconds in all, seconds in Captioner.load, OUT's text, the
     encoder backend that ran: Captioner.backend). Captioner.load is wrapped to time it, so that model loading
-    (and the backend's set-up) can be excluded; imports happen before."""
+    (and the backend's set-up) can be excluded; imports happen before. The backend is Captioner.runtimes
+    (ENCODER/DECODER, e.g. onnx/onnx)."""
     from captioner.cli import main
     from captioner.model import Captioner
 
@@ -96,7 +99,7 @@ def run_cli(argv: list[str], out: str) -> tuple[float, float, str, str]:
         rc = main(["-q", *argv, "-o", f"{tmp}/{out}"])
         total = time.perf_counter() - t
         assert rc == 0, f"captioner {argv[0]} exited with {rc}"
-        return total, spent[0], Path(f"{tmp}/{out}").read_text(), str(getattr(loaded[0], "backend", "?"))
+        return total, spent[0], Path(f"{tmp}/{out}").read_text(), str(getattr(loaded[0], "runtimes", "?"))
 
 
 def backend_flags(backend: str) -> list[str]:
@@ -148,7 +151,7 @@ def stage_latency(args, data: Path, backend: str = "auto") -> dict:
     from captioner.images import load_image
 
     cap = load_backend(backend)
-    img, out = load_image(sorted(data.glob("*.jpg"))[0]), {"backend": cap.backend}
+    img, out = load_image(sorted(data.glob("*.jpg"))[0]), {"backend": cap.runtimes}
     for beam in (1, 3):
         ms = 1000 * np.array(repeat(lambda: cap.caption([img], beam=beam), args.reps_lat, 5))
         out[f"b{beam}_p50"], out[f"b{beam}_p90"] = np.percentile(ms, 50), np.percentile(ms, 90)
@@ -275,6 +278,15 @@ def stage_ceiling(args, data: Path) -> dict:
         for b in (1, 3):
             cfg = cap.search_config(beam=b)
             out[f"search_b{b}_ms"] = ms(lambda: cap.caption_features(feats, cfg))
+        if any(RUNTIMES[name].endswith("/onnx") for name in args.backends):  # the search with the onnx decoder
+            from captioner.onnx_decoder import onnx_decoder
+
+            torch_step, cap.step_decoder = cap.step_decoder, onnx_decoder(cap.decoder)
+            for b in (1, 3):
+                cfg = cap.search_config(beam=b)
+                cap.caption_features(feats, cfg)  # its session is made on first use
+                out[f"search_onnx_b{b}_ms"] = ms(lambda: cap.caption_features(feats, cfg))
+            cap.step_decoder = torch_step
     cores, reps = os.cpu_count() or 1, 5
     ctx = mp.get_context("fork")  # forked: the processes share the loaded model, as the caption workers do
     barrier, results = ctx.Barrier(cores), ctx.Queue()
@@ -289,7 +301,8 @@ def stage_ceiling(args, data: Path) -> dict:
         out[f"ceiling_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + out["encode_ms"] + out[f"search_b{b}_ms"])
         for name, enc_ms in out["encode_backend_ms"].items():
             if name != "torch":  # ceiling_compiled_b1_ips, ceiling_onnx_b1_ips, ceiling_onnx-int8_b1_ips, ...
-                out[f"ceiling_{name}_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + enc_ms + out[f"search_b{b}_ms"])
+                search = out[f"search_onnx_b{b}_ms" if RUNTIMES[name].endswith("/onnx") else f"search_b{b}_ms"]
+                out[f"ceiling_{name}_b{b}_ips"] = 1000 * cores / (out["decode_ms"] + enc_ms + search)
     return out
 
 
@@ -329,7 +342,8 @@ def stage_prepare(args, data: Path) -> dict:
     out["export_s"], out["exported"] = time.perf_counter() - t, out["int8_source"] is None
     t = time.perf_counter()
     choice = choose(cap)
-    out.update(auto=choice.backend, auto_reason=choice.reason, auto_ms=choice.ms_per_image,
+    out.update(auto=f"{choice.backend}/{choice.decoder}", auto_reason=choice.reason, auto_ms=choice.ms_per_image,
+               auto_decoder_reason=choice.decoder_reason, auto_decoder_ms=choice.decoder_ms_per_step,
                measure_s=time.perf_counter() - t)
     if args.calibrate:
         source = Path(args.calibrate_from) if args.calibrate_from else data
@@ -430,7 +444,7 @@ def backend_table(r: dict, args) -> str:
         c1, c3, lat = r[f"{name}_b1"], r[f"{name}_b3"], r[f"latency_{name}"]
         x1, x3 = (c["ips"] / r[f"baseline_b{b}"]["ips"] for b, c in ((1, c1), (3, c3)))
         bound = [ce[f"ceiling_b{b}_ips"] if name == "torch" else ce[f"ceiling_{name}_b{b}_ips"] for b in (1, 3)]
-        rows.append(f"| {name}{' (auto: the default here)' if name == default else ''} "
+        rows.append(f"| {name} ({RUNTIMES[name]}){' (auto: the default here)' if RUNTIMES[name] == default else ''} "
                     f"| {c1['ips']:.1f} ({met(c1['ips'] >= GOALS['caption_b1'])}) "
                     f"| {c3['ips']:.1f} ({met(c3['ips'] >= GOALS['caption_b3'])}) "
                     f"| {x1:.1f}x / {x3:.1f}x ({met(min(x1, x3) >= GOALS['speedup'])}) "
@@ -438,12 +452,14 @@ def backend_table(r: dict, args) -> str:
                     f"| {lat['b3_p50']:.1f} / {lat['b3_p90']:.1f} ({met(lat['b3_p50'] <= GOALS['latency_b3_p50_ms'])}) "
                     f"| {c3['rss_mib']:.0f} + {c3['workers_rss_mib']:.0f} | {one_off(r, name)} |")
     measured = ", ".join(f"{k} {v:.1f}" for k, v in prep.get("auto_ms", {}).items())
+    decoder = ", ".join(f"{k} {v:.2f}" for k, v in prep.get("auto_decoder_ms", {}).items())
     return "\n".join([
         f"CPU: {settings.get('cpu', '?')}; model: {settings.get('model', 'shipped')}; {args.threads} threads; "
-        f"{r['caption_b1']['images']} JPEGs, batch 32, model load excluded. Encoder backends side by side; "
-        f"`--backend auto` picks {default} here ({prep.get('auto_reason', '?')}: {measured} ms/img at one thread, "
-        "batches of 8)", "",
-        f"| backend | `captioner caption` greedy, img/s (>= {GOALS['caption_b1']:.0f}) "
+        f"{r['caption_b1']['images']} JPEGs, batch 32, model load excluded. Backends (encoder/decoder) side by "
+        f"side; the default `--backend auto` runs {default} here (encoder: {prep.get('auto_reason', '?')}: "
+        f"{measured} ms/img at one thread, batches of 8; decoder: {prep.get('auto_decoder_reason', '?')}: "
+        f"{decoder} ms per step of 24 rows)", "",
+        f"| backend (encoder/decoder) | `captioner caption` greedy, img/s (>= {GOALS['caption_b1']:.0f}) "
         f"| beam 3, img/s (>= {GOALS['caption_b3']:.0f}) | speed-up over the per-image baseline, greedy / beam 3 "
         f"(>= {GOALS['speedup']:.0f}x) | encoder, one thread, ms/img | upper bound greedy / beam 3, img/s "
         f"| single image, beam 3, p50 / p90 ms (<= {GOALS['latency_b3_p50_ms']:.0f}) "
@@ -492,6 +508,9 @@ def table(r: dict, args) -> str:
                  f"{ce['decode_ms']:.2f} / {ce['encode_ms']:.2f} / {ce['search_b1_ms']:.2f} / {ce['search_b3_ms']:.2f} ms; "
                  f"{ce['encode_side_by_side_ips']:.0f} img/s (vs {1000 * os.cpu_count() / ce['encode_ms']:.0f})",
                  "", "", ce["rss_mib"]))
+    if "search_onnx_b1_ms" in ce:
+        rows.append(("one thread, CPU ms per image: search beam 1 / beam 3 (32 images)", "onnx decoder",
+                     f"{ce['search_onnx_b1_ms']:.2f} / {ce['search_onnx_b3_ms']:.2f} ms", "", "", ce["rss_mib"]))
     others = [name for name in ce.get("encode_backend_ms", {}) if name != "torch"]
     for name in others:
         rows.append(("one thread, CPU ms per image: encode", name, f"{ce['encode_backend_ms'][name]:.2f} ms", "", "",
@@ -599,7 +618,7 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.2f}; running the stages", file=sys.stderr)
         for s in stage_order(args):  # caption and baseline stages vary most from run to run: the run with the median img/s of --runs
             same = SAME_AS_DEFAULT.get(s)
-            if same and results.get(same[0], {}).get("backend") == same[1]:
+            if same and results.get(same[0], {}).get("backend") == RUNTIMES[same[1]]:
                 results[s] = results[same[0]]  # auto ran this backend: the default path's stage is this one
                 continue
             reps = args.runs if STAGES[s][0] in (stage_caption, stage_baseline) else 1

@@ -147,10 +147,11 @@ def add_backend_args(p: argparse.ArgumentParser, compile_alias: bool = False) ->
     """--backend and --int8 (backends.py), and for `caption` the older --compile."""
     g = p.add_argument_group("encoder backend")
     g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="what runs the encoder: torch (default), auto (the faster of torch and onnx on this CPU, "
-                        "measured once and kept in the cache; `captioner info` shows it), onnx (ONNX Runtime, fp32, "
-                        "exported once into CAPTIONER_CACHE or ~/.cache/captioner), compiled (AOTInductor; needs a "
-                        "C++ compiler, builds once in ~20 s)")
+                   help="what runs the encoder and the decoder: auto (default: for each, the faster of torch and onnx "
+                        "on this CPU, measured once and kept in the cache; `captioner info` shows it), torch, onnx "
+                        "(ONNX Runtime, fp32, exported once into CAPTIONER_CACHE or ~/.cache/captioner), compiled "
+                        "(the encoder built by AOTInductor, the torch decoder; needs a C++ compiler, builds once in "
+                        "~20 s)")
     g.add_argument("--int8", action="store_true",
                    help="onnx with the int8 encoder (static quantization; make it once with `captioner calibrate "
                         "FOLDER`); faster, captions may differ in a word")
@@ -158,9 +159,9 @@ def add_backend_args(p: argparse.ArgumentParser, compile_alias: bool = False) ->
         g.add_argument("--compile", action="store_true", help="the same as --backend compiled")
 
 
-# The default stays torch until auto's one-off measurement is robust: on a busy 2-core machine its 24 timed images
-# picked onnx at 10.5 vs 12.7 ms/img where the one-thread ceiling stage measured onnx slower (12.1 vs 9.1 ms).
-DEFAULT_BACKEND = "torch"
+# auto times each runtime in the thread's own CPU time, best of 5 interleaved rounds (backends.py), so that a busy
+# machine (or a VM's stolen time) does not decide the answer it keeps; its first version timed wall clock.
+DEFAULT_BACKEND = "auto"
 
 
 def resolve_backend(args: argparse.Namespace) -> None:

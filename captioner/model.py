@@ -200,9 +200,11 @@ class Captioner:
         if prepare:  # BatchNorm folded, bf16 weights where fast (Encoder.prepare_inference)
             self.encoder.prepare_inference(self.device)
         self.decoder = decoder.to(self.device).eval()
+        self.step_decoder: Any = self.decoder  # what the search steps: the Decoder, or an OnnxDecoder (use_backend)
         self._warm = False
         self.compiled = None  # what encodes instead of self.encoder: a CompiledEncoder or an OnnxEncoder
         self.backend = "torch"  # the encoder backend that runs (backends.use_backend)
+        self.decoder_backend = "torch"  # and the decoder's
         self.vocab, self.search_cfg, self.config = vocab, search_cfg, config or {}
         self.repeat_mask = torch.tensor(vocab.content_mask(), device=self.device)  # for no_repeat_words
         self.transform = image_transform(encoder.config.name, encoder.config.resize)
@@ -260,6 +262,11 @@ class Captioner:
             self._model_id = f"{self.encoder.config.name}+{h.hexdigest()[:12]}"
         return self._model_id
 
+    @property
+    def runtimes(self) -> str:
+        """ENCODER/DECODER: the backend that runs each network, e.g. 'torch/onnx' (the bench tables)."""
+        return f"{self.backend}/{self.decoder_backend}"
+
     def search_config(self, **overrides: Any) -> SearchConfig:
         base = {f.name: getattr(self.search_cfg, f.name) for f in fields(SearchConfig)}
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -316,7 +323,7 @@ class Captioner:
     def caption_features(self, feats: torch.Tensor, cfg: SearchConfig | None = None) -> list[Caption]:
         cfg = cfg or self.search_cfg
         v = self.vocab
-        hyps = search(self.decoder, feats.to(self.device).float(), cfg, (v.pad, v.start, v.end, v.unk), self.repeat_mask)
+        hyps = search(self.step_decoder, feats.to(self.device).float(), cfg, (v.pad, v.start, v.end, v.unk), self.repeat_mask)
         return [self._caption(h) for h in hyps]
 
     @torch.no_grad()

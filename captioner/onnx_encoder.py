@@ -51,7 +51,7 @@ def onnxruntime_version() -> str | None:
     return str(onnxruntime.__version__)
 
 
-def _ort() -> Any:
+def require_ort() -> Any:
     try:
         import onnxruntime
     except ImportError:
@@ -123,7 +123,7 @@ def problem(model: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on PATH.lock while the export is checked and built (another process waits, then finds
     it built). Where fcntl is missing (Windows) the atomic renames alone keep files whole."""
     try:
@@ -139,17 +139,17 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _cache_folder(path: Path) -> None:
+def cache_folder(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe-")  # noqa: SIM115 - closed at once
         probe.close()
     except OSError as exc:  # read-only, full, or a file where the folder should be
-        raise CaptionerError(f"cannot write the ONNX encoder to {path.parent}: {exc.strerror or exc} "
+        raise CaptionerError(f"cannot write ONNX models to {path.parent}: {exc.strerror or exc} "
                              "(set CAPTIONER_CACHE to a writable folder)") from None
 
 
-def _publish(write: Callable[[Path], None], path: Path, extra: dict[str, Any]) -> None:
+def publish(write: Callable[[Path], None], path: Path, extra: dict[str, Any]) -> None:
     """write(tmp) makes the model in a temporary file beside `path`; it is renamed to `path`, then its record
     (SHA-256, size, versions, `extra`) is written the same way. A failure leaves no partial file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".tmp-", suffix=".onnx")
@@ -166,13 +166,13 @@ def _publish(write: Callable[[Path], None], path: Path, extra: dict[str, Any]) -
         rec_tmp.write_text(json.dumps(record, indent=1) + "\n")
         os.replace(rec_tmp, _record_path(path))
     except OSError as exc:
-        raise CaptionerError(f"cannot write the ONNX encoder to {path.parent}: {exc.strerror or exc}") from None
+        raise CaptionerError(f"cannot write ONNX models to {path.parent}: {exc.strerror or exc}") from None
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """The exporter and the quantizer print their progress, log every graph pass at INFO and warn about what they
     decompose (onnxruntime's quantizer through the root logger): not news to a user (a failure is raised as one
     CaptionerError). Records below ERROR are dropped meanwhile, from every logger."""
@@ -197,7 +197,7 @@ class _Features(torch.nn.Module):
         return self.encoder.forward_prepared(images)[0]
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
@@ -205,8 +205,8 @@ def export(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
     """Export the prepared fp32 `encoder` (on CPU) to `path` with a dynamic batch size, atomically."""
     if not encoder.prepared or encoder.weights_dtype != torch.float32:
         raise CaptionerError("export the encoder after Encoder.prepare_inference(bf16=False): fp32 weights")
-    _ort()
-    _cache_folder(path)
+    require_ort()
+    cache_folder(path)
     log.info("exporting the encoder to ONNX (once; ~15 s): %s", path)
     start = time.perf_counter()
 
@@ -214,7 +214,7 @@ def export(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
         example = torch.zeros(2, 3, *size)
         batch = torch.export.Dim("batch", min=1, max=4096)
         try:  # the exporter prints its progress and warns about what it decomposes: one line if it fails
-            with torch.no_grad(), _quiet():
+            with torch.no_grad(), quiet():
                 program = torch.onnx.export(_Features(encoder).eval(), (example,), dynamo=True,
                                             input_names=["images"], output_names=["features"],
                                             dynamic_shapes={"images": {0: batch}}, optimize=True)
@@ -224,12 +224,32 @@ def export(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - exporter failures: one line, no traceback
-            raise CaptionerError(f"exporting the encoder to ONNX failed ({_one_line(exc)}); "
+            raise CaptionerError(f"exporting the encoder to ONNX failed ({one_line(exc)}); "
                                  "use --backend torch") from None
 
-    _publish(write, path, {"input": [3, *size], "encoder": encoder.config.name})
+    publish(write, path, {"input": [3, *size], "encoder": encoder.config.name})
     log.info("exported in %.1f s", time.perf_counter() - start)
     return path
+
+
+def make_session(path: Path, threads: int, what: str) -> Any:
+    """An onnxruntime CPU session for the model file `path` at `threads` intra-op threads (1: it runs on the
+    calling thread, as each caption worker does). `what` names the model in the one-line error for a file
+    onnxruntime cannot load."""
+    ort = require_ort()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads > 1:  # idle pool threads must not spin while torch runs the search on the same cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
+        raise CaptionerError(f"cannot load the ONNX {what} {path} ({one_line(exc)}); "
+                             "delete it to rebuild, or use --backend torch") from None
 
 
 class OnnxEncoder:
@@ -251,20 +271,7 @@ class OnnxEncoder:
     def session(self) -> Any:
         owner = (os.getpid(), torch.get_num_threads())
         if self._session is None or self._owner != owner:
-            ort = _ort()
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = owner[1]
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.log_severity_level = 3
-            if owner[1] > 1:  # idle pool threads must not spin while torch runs the search on the same cores
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            try:
-                self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
-                raise CaptionerError(f"cannot load the ONNX encoder {self.path} ({_one_line(exc)}); "
-                                     "delete it to rebuild, or use --backend torch") from None
+            self._session = make_session(self.path, owner[1], "encoder")
             self._owner = owner
         return self._session
 
@@ -283,10 +290,10 @@ def onnx_encoder(encoder: Encoder, size: tuple[int, int], root: Path | None = No
     The session is made once here, so that a file onnxruntime cannot load fails before any image is read."""
     if next(encoder.net.parameters(), torch.empty(0)).device.type != "cpu":
         raise CaptionerError("--backend onnx runs on the CPU (on a GPU use --backend torch)")
-    _ort()
+    require_ort()
     path = export_path(encoder, size, root)
-    _cache_folder(path)
-    with _locked(path):
+    cache_folder(path)
+    with locked(path):
         why = problem(path)
         if why is not None:
             if why != "missing":
@@ -334,7 +341,7 @@ def quantize(fp32: Path, batches: Iterable[torch.Tensor], about: dict[str, Any] 
     """Static int8 quantization of the fp32 export `fp32` (QDQ; int8 weights per output channel, uint8
     activations with MinMax ranges), calibrated on `batches` of preprocessed images; written beside it,
     atomically. Returns the int8 model's path and the number of calibration images."""
-    _ort()
+    require_ort()
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -348,7 +355,7 @@ def quantize(fp32: Path, batches: Iterable[torch.Tensor], about: dict[str, Any] 
         with tempfile.TemporaryDirectory(dir=fp32.parent, prefix=".calibrate-") as work:
             pre = Path(work) / "pre.onnx"
             try:
-                with _quiet():
+                with quiet():
                     quant_pre_process(str(fp32), str(pre))  # shape inference + graph clean-up, as ORT advises
                     quantize_static(str(pre), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -360,13 +367,13 @@ def quantize(fp32: Path, batches: Iterable[torch.Tensor], about: dict[str, Any] 
             except OSError:
                 raise
             except Exception as exc:  # noqa: BLE001 - quantizer failures: one line
-                raise CaptionerError(f"int8 quantization failed ({_one_line(exc)})") from None
+                raise CaptionerError(f"int8 quantization failed ({one_line(exc)})") from None
         if reader.images == 0:
             raise CaptionerError("int8 calibration needs at least one readable image")
-        extra["calibration_images"] = reader.images  # _publish writes the record after this
+        extra["calibration_images"] = reader.images  # publish writes the record after this
 
     extra = {"source_sha256": (read_record(fp32) or {}).get("sha256"), **(about or {})}
-    with _locked(path):
-        _publish(write, path, extra)
+    with locked(path):
+        publish(write, path, extra)
     log.debug("int8 encoder calibrated on %d images in %.1f s: %s", reader.images, time.perf_counter() - start, path)
     return path, reader.images

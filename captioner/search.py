@@ -37,8 +37,9 @@ def _mask_logp(logp: torch.Tensor, t: int, cfg: SearchConfig, specials: tuple[in
                history: torch.Tensor | None, repeat_mask: torch.Tensor | None = None) -> torch.Tensor:
     pad, start, end, unk = specials
     if cfg.no_repeat_words and repeat_mask is not None and history is not None and history.shape[1]:
-        seen = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, history, True)
-        logp.masked_fill_(seen & repeat_mask, NEG)
+        # the content words already said get NEG: a scatter over the (N, t) history, not a mask over (N, V)
+        said = logp.gather(1, history)
+        logp.scatter_(1, history, torch.where(repeat_mask[history], NEG, said))
     logp[:, pad] = NEG
     logp[:, start] = NEG
     if cfg.suppress_unk:

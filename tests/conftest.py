@@ -18,6 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_of_the_session(tmp_path_factory):
+    """Exports, compiled encoders and auto's measurements go to a cache of this test session, never the user's
+    (a test that needs its own sets CAPTIONER_CACHE itself)."""
+    before = os.environ.get("CAPTIONER_CACHE")
+    os.environ["CAPTIONER_CACHE"] = str(tmp_path_factory.mktemp("captioner-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CAPTIONER_CACHE", None)
+    else:
+        os.environ["CAPTIONER_CACHE"] = before
+
+
 def picture(i: int, size: tuple[int, int] = (64, 48)) -> "Image.Image":
     """A light-grey image with a centred rectangle whose colour depends on i."""
     from PIL import Image

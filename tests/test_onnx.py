@@ -1,5 +1,6 @@
-"""The ONNX Runtime encoder backend (issue 18; captioner/onnx_encoder.py, captioner/backends.py): the export gives
-the prepared fp32 encoder's features and captions, is built once into the cache and rebuilt when damaged or stale,
+"""The ONNX Runtime backend (issue 18; captioner/onnx_encoder.py, onnx_decoder.py, backends.py): the exports give
+the prepared fp32 encoder's features, the decoder step's outputs and the same captions, are built once into the
+cache and rebuilt when damaged or stale,
 `--backend` / `--int8` work through the CLI, `auto` measures once and keeps its answer, `captioner info` reports
 it. All at one thread; behaviour only, never wall-clock time."""
 
@@ -17,6 +18,7 @@ from captioner import backends
 from captioner.batch import read_rows
 from captioner.cli import main
 from captioner.model import Captioner
+from captioner.onnx_decoder import OnnxDecoder
 from captioner.onnx_encoder import OnnxEncoder, export_path, int8_path, problem
 
 torch.set_num_threads(1)
@@ -90,54 +92,95 @@ def test_backend_flag_through_the_cli(shipped_onnx, fp32_cpu, photos, tmp_path):
     assert len(rows["onnx"]) == 6 and [r["caption"] for r in rows["onnx"]] == [r["caption"] for r in rows["torch"]]
 
 
+def test_shipped_decoder_step_in_onnx_matches_torch(shipped_onnx):
+    """The onnx step's logits, state and attention against the torch decoder's on the same inputs (max abs diff
+    ~4e-6 here on logits of magnitude ~10), and the same captions from the same features, greedy and beam 3."""
+    assert shipped_onnx.decoder_backend == "onnx" and isinstance(shipped_onnx.step_decoder, OnnxDecoder)
+    feats = shipped_onnx.encode(shipped_onnx.preprocess([picture(i, (320, 240)) for i in range(6)]))
+    a, keys, state = shipped_onnx.decoder.prepare(feats)
+    words = torch.tensor([1, 5, 9, 40, 300, 2000])
+    with torch.no_grad():
+        ref = shipped_onnx.decoder.step(words, a, keys, state)
+    out = shipped_onnx.step_decoder.step(words, a, keys, state)
+    for name, x, y in (("logits", out[0], ref[0]), ("h", out[1][0], ref[1][0]), ("c", out[1][1], ref[1][1]),
+                       ("alpha", out[2], ref[2])):
+        diff = float((x - y).abs().max())
+        assert x.shape == y.shape and diff < 1e-4, f"{name}: max abs diff {diff:.2e}"
+    onnx_step = shipped_onnx.step_decoder
+    for beam in (1, 3):
+        cfg = shipped_onnx.search_config(beam=beam)
+        onnx = [c.text for c in shipped_onnx.caption_features(feats, cfg)]
+        shipped_onnx.step_decoder = shipped_onnx.decoder
+        try:
+            assert onnx == [c.text for c in shipped_onnx.caption_features(feats, cfg)]
+        finally:
+            shipped_onnx.step_decoder = onnx_step
+
+
 def test_info_measures_once_and_names_the_backend(shipped_onnx, capsys):
     assert main(["info", "--measure"]) == 0
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if x.startswith("backend (auto): "))
-    chosen = line.split()[2]
-    assert chosen in ("torch", "onnx") and "torch" in line and "ms/img" in line, out
+    enc = next(x for x in out.splitlines() if x.startswith("encoder backend (auto): "))
+    dec = next(x for x in out.splitlines() if x.startswith("decoder backend (auto): "))
+    chosen, chosen_decoder = enc.split()[3], dec.split()[3]
+    assert chosen in ("torch", "onnx") and "torch" in enc and "ms/img" in enc, out
+    assert chosen_decoder in ("torch", "onnx") and "a step of 24 rows" in dec, out
     for needed in ("cpu: ", "vector ISA: ", "fast bf16: ", "versions: torch", "onnxruntime", "model: "):
         assert needed in out, needed
     record = json.loads(backends.choice_path(shipped_onnx).read_text())
     assert record["backend"] == chosen and set(record["ms_per_image"]) == {"torch", "onnx"}
+    assert record["decoder"] == chosen_decoder and set(record["decoder_ms_per_step"]) == {"torch", "onnx"}
     assert main(["info"]) == 0  # read back, not measured again
-    assert line in capsys.readouterr().out
-    assert Captioner.load(backend="auto").backend == chosen
+    assert enc in capsys.readouterr().out
+    again = Captioner.load(backend="auto")
+    assert (again.backend, again.decoder_backend) == (chosen, chosen_decoder)
 
 
 def test_info_without_a_network_or_a_model(tiny_model, tmp_path, capsys):
     assert main(["info", "--model", str(tiny_model)]) == 0
-    assert "backend (auto): torch (the pixels encoder has no network to speed up)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "encoder backend (auto): torch (the pixels encoder has no network to speed up)" in out
+    assert "decoder backend (auto): torch (the decoder (" in out and "too small to pay for its export" in out
     assert main(["info", "--model", str(tmp_path / "missing.pt")]) == 0
     out = capsys.readouterr().out
     assert "cannot be loaded: model file not found" in out and "cpu: " in out
 
 
 def test_auto_measures_once_and_keeps_the_answer(tiny_model, tmp_path, monkeypatch):
-    """The measurement itself is stubbed (no timing in tests): its answer is kept as JSON, and read back."""
-    monkeypatch.setattr(backends, "_fixed_choice", lambda cap: None)
+    """The measurements themselves are stubbed (no timing in tests): their answer is kept as JSON, and read back;
+    each network gets its own answer."""
+    monkeypatch.setattr(backends, "_fixed", lambda cap: (None, None))
     monkeypatch.setattr(backends, "measure", lambda cap, onnx: {"torch": 2.0, "onnx": 1.0})
+    monkeypatch.setattr(backends, "measure_decoder", lambda cap, onnx: {"torch": 1.0, "onnx": 3.0})
     cap = Captioner.load(tiny_model, prepare=False)
     assert backends.use_backend(cap, "auto", root=tmp_path) == "onnx" and isinstance(cap.compiled, OnnxEncoder)
+    assert cap.decoder_backend == "torch" and cap.step_decoder is cap.decoder
     (record,) = (tmp_path / "backend").glob("choice-*.json")
-    assert json.loads(record.read_text())["ms_per_image"] == {"torch": 2.0, "onnx": 1.0}
+    saved = json.loads(record.read_text())
+    assert saved["ms_per_image"] == {"torch": 2.0, "onnx": 1.0} and saved["decoder_ms_per_step"]["onnx"] == 3.0
 
     def never(cap, onnx):
         raise AssertionError("measured twice")
 
     monkeypatch.setattr(backends, "measure", never)
+    monkeypatch.setattr(backends, "measure_decoder", never)
     again = Captioner.load(tiny_model, prepare=False)
-    assert backends.use_backend(again, "auto", root=tmp_path) == "onnx"
+    assert backends.use_backend(again, "auto", root=tmp_path) == "onnx" and again.decoder_backend == "torch"
     monkeypatch.setattr(backends, "measure", lambda cap, onnx: {"torch": 1.0, "onnx": 0.99})  # within the margin
+    monkeypatch.setattr(backends, "measure_decoder", lambda cap, onnx: {"torch": 2.0, "onnx": 1.0})
     record.unlink()
-    assert backends.use_backend(Captioner.load(tiny_model, prepare=False), "auto", root=tmp_path) == "torch"
+    third = Captioner.load(tiny_model, prepare=False)
+    assert backends.use_backend(third, "auto", root=tmp_path) == "torch"
+    assert third.decoder_backend == "onnx" and isinstance(third.step_decoder, OnnxDecoder)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "overwrite", "record", "stale"])
-def test_a_damaged_or_stale_export_is_rebuilt(damage, tiny_model, good_folder, tmp_path, monkeypatch, capsys, caplog):
+@pytest.mark.parametrize("damage,network", [("truncate", "encoder"), ("overwrite", "encoder"), ("record", "encoder"),
+                                            ("stale", "encoder"), ("truncate", "decoder"), ("overwrite", "decoder")])
+def test_a_damaged_or_stale_export_is_rebuilt(damage, network, tiny_model, good_folder, tmp_path, monkeypatch, capsys,
+                                              caplog):
     monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
     cap = Captioner.load(tiny_model, backend="onnx")
-    path = cap.compiled.path
+    path = (cap.compiled if network == "encoder" else cap.step_decoder).path
     good = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(good[: len(good) // 2])
@@ -156,13 +199,19 @@ def test_a_damaged_or_stale_export_is_rebuilt(damage, tiny_model, good_folder, t
     assert problem(path) is None and len(captured.out.splitlines()) == 5
 
 
-def test_onnx_encoder_pickles_by_path(tiny_model, tmp_path):
+def test_onnx_networks_pickle_by_path(tiny_model, tmp_path):
     cap = Captioner.load(tiny_model, prepare=False)
     backends.use_backend(cap, "onnx", root=tmp_path)
     x = cap.preprocess([picture(i) for i in range(3)])
     clone = pickle.loads(pickle.dumps(cap.compiled))  # what a spawned worker receives
     assert clone._session is None and clone.path == cap.compiled.path
     assert torch.equal(clone(x), cap.encode(x))
+    step = pickle.loads(pickle.dumps(cap.step_decoder))
+    assert step._session is None and step.path == cap.step_decoder.path
+    feats = cap.encode(x)
+    assert [c.text for c in cap.caption_features(feats)] == [c.text for c in Captioner.load(tiny_model).caption_features(feats)]
+    cap.step_decoder = step
+    assert [c.text for c in cap.caption_features(feats)] == [c.text for c in Captioner.load(tiny_model).caption_features(feats)]
 
 
 def test_usage_and_cache_errors_are_one_clear_line(tiny_model, good_folder, tmp_path, monkeypatch, capsys):
@@ -179,7 +228,7 @@ def test_usage_and_cache_errors_are_one_clear_line(tiny_model, good_folder, tmp_
     monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "a-file"))
     assert main(base + ["--backend", "onnx"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("captioner: error: cannot write the ONNX encoder to") and "CAPTIONER_CACHE" in err
+    assert err.startswith("captioner: error: cannot write ONNX models to") and "CAPTIONER_CACHE" in err
     assert "Traceback" not in err
 
 
