@@ -34,13 +34,25 @@ def vector_isa() -> list[str]:
     return [name for flag, name in ISA_FLAGS if flag in flags]
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: with one of these set, bf16 is not fast
+_NO_BF16_CAPS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def onednn_cap() -> str | None:
+    """The ISA that ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) caps oneDNN at, if set: e.g. AVX2 to
+    run torch as on an AVX2-only CPU (with ATEN_CPU_CAPABILITY=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap and cap.strip().upper() not in ("ALL", "DEFAULT") else None
+
+
 def has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 convolutions are 2-3x faster than fp32 there."""
-    return bool({"amx_bf16", "avx512_bf16"} & _cpuinfo()[1])
+    """AMX or AVX512-BF16 (and oneDNN not capped below it): bf16 convolutions are 2-3x faster than fp32 there."""
+    return bool({"amx_bf16", "avx512_bf16"} & _cpuinfo()[1]) and onednn_cap() not in _NO_BF16_CAPS
 
 
 def describe() -> str:
     """One line for tables: 'AMD EPYC, 2 cores, AVX2 + AVX-512 + AVX512-BF16 (no AMX)'."""
     isa = vector_isa()
     missing = "" if "AMX" in isa else " (no AMX)"
-    return f"{_cpuinfo()[0]}, {os.cpu_count()} cores, {' + '.join(isa) or 'no AVX2'}{missing}"
+    capped = f"; oneDNN capped at {onednn_cap()}" if onednn_cap() else ""
+    return f"{_cpuinfo()[0]}, {os.cpu_count()} cores, {' + '.join(isa) or 'no AVX2'}{missing}{capped}"

@@ -256,3 +256,18 @@ def test_int8_calibrates_on_real_images_and_encodes(shipped_onnx, photos, tmp_pa
     assert "the int8 encoder" in err and "damaged" in err and "captioner calibrate" in err
     shutil.copy(kept, int8_path(fp32))
     assert export_path(cap.encoder, cap.input_size()) == fp32
+
+
+def test_a_onednn_isa_cap_turns_bf16_off_and_is_named(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 runs torch as on an AVX2-only CPU: no bf16, and the CPU line (which keys auto's
+    kept measurement) says so, so a capped measurement is never taken for the uncapped CPU's."""
+    from captioner import cpu
+
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: ("Some CPU", frozenset({"avx2", "avx512f", "avx512_bf16"})))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert cpu.has_fast_bf16() and "capped" not in cpu.describe()
+    for cap, fast in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert cpu.has_fast_bf16() is fast, cap
+        assert ("oneDNN capped at" in cpu.describe()) is (cap != "ALL"), cap
