@@ -100,8 +100,9 @@ def export(decoder: Decoder, path: Path) -> Path:
 
 class OnnxDecoder:
     """Stands in for `decoder` in search.py: `cfg` and `prepare` are the torch decoder's; `step` runs the ONNX
-    export. The session follows torch's thread count of the process that calls it (made on first use there, one
-    per DataLoader worker); it is never pickled."""
+    export. Its session runs at one thread whatever torch's count: a step's operations are too small to share
+    (at 2 threads a single image's beam-3 search took 4x longer, handing each tiny operation to the pool). It is
+    made on first use in each process (one per DataLoader worker), and never pickled."""
 
     label = "onnx"
 
@@ -109,7 +110,7 @@ class OnnxDecoder:
         self.decoder, self.path = decoder, Path(path)
         self.cfg = decoder.cfg
         self._session: Any = None
-        self._owner: tuple[int, int] | None = None
+        self._pid: int | None = None  # the process the session was made in
 
     def __getstate__(self) -> dict:
         return {"decoder": self.decoder, "path": self.path}
@@ -118,10 +119,9 @@ class OnnxDecoder:
         self.__init__(state["decoder"], state["path"])
 
     def session(self) -> Any:
-        owner = (os.getpid(), torch.get_num_threads())
-        if self._session is None or self._owner != owner:
-            self._session = make_session(self.path, owner[1], "decoder")
-            self._owner = owner
+        if self._session is None or self._pid != os.getpid():
+            self._session = make_session(self.path, 1, "decoder")
+            self._pid = os.getpid()
         return self._session
 
     def prepare(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, State]:
