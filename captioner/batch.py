@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import partial
@@ -51,21 +52,72 @@ class CaptionJob:
 
 
 
-def _load(path: Path, min_side: int) -> Image.Image:
-    """load_image, except that a JPEG whose short side is at least 4x the transform's resize target is
-    decoded at 1/2, 1/4 or 1/8 scale by libjpeg (DCT scaling: a 12 MP photo decodes ~9x faster), never to
-    less than 2x the target on either side, so the antialiased resize that follows keeps its quality
-    (preprocessed pixels differ by 0.15 grey levels on average). Everything else, and any failure, goes
-    through load_image (its checks and error messages)."""
+def _make_jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """JPEG bytes (a uint8 tensor) -> RGB uint8 (3, H, W) tensor, EXIF orientation applied, by torchvision's
+    decode_jpeg; None where torchvision has no image decoders (deprecated since 0.29, superseded by
+    TorchCodec: then PIL decodes, at PIL's speed). libjpeg prints its warnings about damaged data that it can
+    still decode ("Corrupt JPEG data: ...", no file name) on fd 2, where PIL's decoder stays silent: fd 2
+    points at /dev/null during the call, which is why only a DataLoader worker (a process of ours, with one
+    thread) uses it (_jpeg_decoder)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)  # the deprecation note, on every call
+    devnull = os.open(os.devnull, os.O_WRONLY)
+
+    def decode(data: torch.Tensor) -> torch.Tensor:
+        saved = os.dup(2)
+        os.dup2(devnull, 2)
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return decode
+
+
+_DECODERS: dict[int, Callable[[torch.Tensor], torch.Tensor] | None] = {}  # process id -> its JPEG decoder
+
+
+def _jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """This process's torchvision JPEG decoder if it is a DataLoader worker, else None (PIL decodes)."""
+    pid = os.getpid()  # a forked worker is a new process: it does not inherit its parent's answer
+    if pid not in _DECODERS:
+        from torch.utils.data import get_worker_info
+
+        _DECODERS[pid] = _make_jpeg_decoder() if get_worker_info() is not None else None
+    return _DECODERS[pid]
+
+
+def _load(path: Path, min_side: int) -> Image.Image | torch.Tensor:
+    """What the per-image transform gets: load_image's RGB picture, or for a JPEG the same pixels faster.
+    With a resize target (min_side > 0), a JPEG that PIL's header shows within the pixel limit is decoded
+      - if its short side is at least 4x the target: by PIL at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+        scaling: a 12 MP photo decodes ~9x faster), never to less than 2x the target on either side, so the
+        antialiased resize that follows keeps its quality (preprocessed pixels differ by 0.15 grey levels
+        on average);
+      - otherwise, in a DataLoader worker, if it is RGB or grey (not CMYK, not MPO): by torchvision's
+        decode_jpeg straight into a uint8 (3, H, W) tensor, EXIF orientation applied: the pixels PIL gives,
+        bit for bit, without PIL's copy into a tensor (docs/speed.md "Decode (issue 18)").
+    Everything else, and any failure, goes through load_image (its checks and error messages)."""
     if min_side > 0:
         try:
             if stat.S_ISREG(os.stat(path).st_mode):
-                with Image.open(path, formats=("JPEG",)) as im:
+                with open(path, "rb") as f, Image.open(f, formats=("JPEG",)) as im:
                     w, h = im.size
-                    if min(w, h) >= 4 * min_side and w * h <= MAX_PIXELS:
-                        im.draft("RGB", (2 * min_side, 2 * min_side))
-                        im.load()
-                        return to_rgb(im)
+                    if w * h <= MAX_PIXELS:
+                        if min(w, h) >= 4 * min_side:
+                            im.draft("RGB", (2 * min_side, 2 * min_side))
+                            im.load()
+                            return to_rgb(im)
+                        decode = _jpeg_decoder()
+                        if decode is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                            import torch
+
+                            f.seek(0)
+                            return decode(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8))
         except Exception:  # noqa: BLE001 - not a (good) JPEG: load_image says why
             pass
     return load_image(path)

@@ -12,11 +12,14 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from PIL import Image, ImageOps
 
 from .errors import CaptionerError
+
+if TYPE_CHECKING:  # torch is not imported to parse the CLI's arguments
+    import torch
 
 PathLike = str | os.PathLike[str]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -121,9 +124,10 @@ def load_image(path: PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ImageError(f"{name}: read error ({exc.strerror or _one_line(exc)})") from None
 
 
-def size_warning(image: Image.Image, min_side: int = MIN_SIDE) -> str:
-    """'' for a normal image; a one-line warning for one smaller than min_side pixels on a side."""
-    w, h = image.size
+def size_warning(image: Image.Image | torch.Tensor, min_side: int = MIN_SIDE) -> str:
+    """'' for a normal image (PIL, or a (C, H, W) tensor); a one-line warning for one smaller than min_side
+    pixels on a side."""
+    w, h = image.size if isinstance(image, Image.Image) else (int(image.shape[-1]), int(image.shape[-2]))
     if min(w, h) >= min_side:
         return ""
     return f"only {w}x{h} pixels (under {min_side} on a side): the caption is unreliable"

@@ -383,3 +383,129 @@ def test_safe_extract_zip_never_writes_through_links_in_dest(arena):
     with pytest.raises(ImageError, match="outside"):
         safe_extract_zip(make_zip(tmp / "via.zip", {"a.png": b"a", "out/x.png": b"x"}), dest)
     assert list(outside.iterdir()) == [] and sorted(p.name for p in dest.iterdir()) == ["out"]
+
+
+# ------------------------------------------------------ the caption path's JPEG decode -------
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Photo-like content (smooth colour field, gradient, grain): what JPEG's DCT and a resize see in photos."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    arr = np.asarray(coarse, np.float32) + np.linspace(0, 60, w, dtype=np.float32)[None, :, None]
+    arr += rng.normal(0, 5, (h, w, 1)).astype(np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def in_worker(monkeypatch):
+    """captioner.batch._load as it runs in a DataLoader worker (torchvision decodes plain JPEGs there)."""
+    from captioner import batch
+
+    monkeypatch.setitem(batch._DECODERS, os.getpid(), batch._make_jpeg_decoder())
+    assert batch._jpeg_decoder() is not None
+    return batch
+
+
+def as_tensor(img):
+    import torch
+
+    return img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def jpeg_variants(tmp_path: Path) -> dict[str, Path]:
+    base = photo(160, 120)
+    out = {"q90.jpg": save(tmp_path / "q90.jpg", base, quality=90),
+           "progressive.jpg": save(tmp_path / "progressive.jpg", base, progressive=True),
+           "444.jpg": save(tmp_path / "444.jpg", base, quality=95, subsampling=0),
+           "grey.jpg": save(tmp_path / "grey.jpg", base.convert("L")),
+           "odd.jpg": save(tmp_path / "odd.jpg", base.crop((0, 0, 117, 83)))}
+    for orientation in (2, 3, 6, 8):
+        exif = base.getexif()
+        exif[0x0112] = orientation
+        out[f"exif{orientation}.jpg"] = save(tmp_path / f"exif{orientation}.jpg", base, exif=exif)
+    return out
+
+
+def test_worker_jpeg_decode_gives_load_image_pixels_exactly(tmp_path, in_worker):
+    """In a worker, plain RGB / grey JPEGs skip PIL (torchvision's decode_jpeg): the same pixels, bit for bit,
+    EXIF orientation included, and the same tensor after the model's transform."""
+    import torch
+    from captioner.encoder import image_transform
+
+    transform = image_transform("efficientnet_lite0")
+    for name, path in jpeg_variants(tmp_path).items():
+        fast, ref = in_worker._load(path, 256), load_image(path)
+        assert isinstance(fast, torch.Tensor) and fast.dtype == torch.uint8, name  # the fast path was taken
+        assert torch.equal(fast, as_tensor(ref)), name
+        assert torch.equal(transform(fast), transform(ref)), name
+        assert images.size_warning(fast) == images.size_warning(ref)
+    assert images.size_warning(torch.zeros(3, 20, 40, dtype=torch.uint8)) == \
+        "only 40x20 pixels (under 32 on a side): the caption is unreliable"
+
+
+def test_worker_jpeg_decode_falls_back_to_pil(tmp_path, in_worker):
+    """CMYK JPEGs, other formats and damaged files go through load_image: its pixels, its errors."""
+    cmyk = save(tmp_path / "cmyk.jpg", photo(64, 48).convert("CMYK"))
+    png = save(tmp_path / "p.png", photo(64, 48))
+    for path in (cmyk, png):
+        out = in_worker._load(path, 256)
+        assert isinstance(out, Image.Image) and np.array_equal(np.asarray(out), np.asarray(load_image(path)))
+    data = save(tmp_path / "full.jpg", photo(128, 96), quality=90).read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError) as fast:
+        in_worker._load(tmp_path / "cut.jpg", 256)
+    assert str(fast.value) == error_of(tmp_path / "cut.jpg") and "truncated" in str(fast.value)
+
+
+def test_worker_jpeg_decode_is_silent_on_damaged_but_decodable_data(tmp_path, in_worker, capfd):
+    """libjpeg prints 'Corrupt JPEG data: ...' on fd 2 for damage it can decode past; PIL is silent, so the
+    worker's decoder is too (the file is captioned, with PIL's pixels)."""
+    data = save(tmp_path / "ok.jpg", photo(128, 96), quality=90).read_bytes()
+    assert data.endswith(b"\xff\xd9")
+    (tmp_path / "junk.jpg").write_bytes(data[:-2] + bytes(40) + b"\xff\xd9")  # junk before the end marker
+    out = in_worker._load(tmp_path / "junk.jpg", 256)
+    assert np.array_equal(as_tensor(out).numpy(), as_tensor(load_image(tmp_path / "junk.jpg")).numpy())
+    in_worker._load(tmp_path / "ok.jpg", 256)
+    assert capfd.readouterr().err == ""
+
+
+def test_large_jpeg_reduced_decode_close_to_full_decode(tmp_path, in_worker):
+    """A JPEG whose short side is >= 4x the resize target is decoded at reduced scale (DCT scaling), never under
+    2x the target: after the transform it is within 4 grey levels of the full decode everywhere, 0.5 on average."""
+    from captioner.encoder import image_transform
+
+    transform = image_transform("efficientnet_lite0")
+    for size in ((2048, 1536), (1200, 4100)):  # 1/2 scale; 1/4 scale, portrait
+        path = save(tmp_path / f"big{size[0]}.jpg", photo(*size, seed=size[0]), quality=90)
+        fast = in_worker._load(path, 256)
+        assert isinstance(fast, Image.Image) and min(fast.size) < min(size)  # reduced, by PIL
+        assert min(fast.size) >= 512
+        grey_levels = (transform(fast) - transform(load_image(path))).abs() * 255 / 2  # mean = std = 0.5
+        assert grey_levels.max() <= 4 and grey_levels.mean() <= 0.5, (size, grey_levels.max(), grey_levels.mean())
+
+
+def test_caption_batches_from_workers_equal_the_main_process(tmp_path):
+    """captioner caption's loading: a DataLoader worker (torchvision for plain JPEGs) gives the same batch,
+    errors and warnings as the main process (PIL), for good, odd and broken files."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from captioner.batch import _Files, _split_transform
+    from captioner.encoder import image_transform
+
+    paths = sorted(jpeg_variants(tmp_path).values())
+    small = save(tmp_path / "small.jpg", photo(40, 20))
+    cmyk = save(tmp_path / "cmyk.jpg", photo(64, 48).convert("CMYK"))
+    big = save(tmp_path / "big.jpg", photo(2048, 1536), quality=90)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(big.read_bytes()[:5000])
+    paths += [small, cmyk, big, cut, save(tmp_path / "p.png", photo(50, 40))]
+    files = _Files(paths, 4, *_split_transform(image_transform("efficientnet_lite0")))
+    here = list(DataLoader(files, batch_size=None, num_workers=0))
+    there = list(DataLoader(files, batch_size=None, num_workers=1))
+    assert len(here) == len(there) == 4
+    for (i0, x0, e0, w0), (i1, x1, e1, w1) in zip(here, there):
+        assert i0 == i1 and e0 == e1 and w0 == w1 and torch.equal(x0, x1)
+    errors = dict(e for _, _, err, _ in here for e in err)
+    assert list(errors) == [paths.index(cut)] and "truncated" in errors[paths.index(cut)]
+    warnings = {k: v for _, _, _, w in there for k, v in w.items()}
+    assert warnings == {paths.index(small): "only 40x20 pixels (under 32 on a side): the caption is unreliable"}
