@@ -27,7 +27,8 @@ from PIL import Image, ImageDraw, ImageFilter
 BACKENDS = ("torch", "onnx", "onnx-int8", "compiled")  # what --backends may name (issue 18)
 # what each forced backend runs, as Captioner.runtimes names it: ENCODER/DECODER
 RUNTIMES = {"torch": "torch/torch", "onnx": "onnx/onnx", "onnx-int8": "onnx-int8/onnx", "compiled": "compiled/torch"}
-GOALS = {"caption_b1": 60.0, "caption_b3": 30.0, "speedup": 5.0, "latency_b3_p50_ms": 100.0}  # the issue's, 2 cores
+GOALS = {"caption_b1": 60.0, "caption_b3": 45.0, "speedup": 5.0, "latency_b3_p50_ms": 50.0,  # issue 18's, 2 cores
+         "video_fps": 40.0}
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -256,8 +257,11 @@ def stage_ceiling(args, data: Path) -> dict:
     from captioner.batch import _Files, _split_transform
     from captioner.model import Captioner
 
+    from captioner import batch
+
     torch.set_num_threads(1)
     cap, paths = Captioner.load(), sorted(data.glob("*.jpg"))[:32]
+    batch._DECODERS[os.getpid()] = batch._make_jpeg_decoder()  # the JPEG decoder a caption worker uses
     files = _Files(paths, len(paths), *_split_transform(cap.transform))  # one batch, loaded as the workers do
     load = lambda: files[0][1]  # noqa: E731
     x, ms = load(), lambda fn: 1000 * float(np.median(repeat(fn, 5, 1))) / len(paths)  # noqa: E731
@@ -525,19 +529,20 @@ def table(r: dict, args) -> str:
     for b in (1, 3):
         rows.append((f"single image 640x480 `cap.caption([img])`, beam {b}, p50 / p90 ({args.reps_lat} reps)",
                      f"auto: {lat.get('backend', '?')}", f"{lat[f'b{b}_p50']:.1f} / {lat[f'b{b}_p90']:.1f} ms",
-                     "<= 100 ms" if b == 3 else "", met(lat["b3_p50"] <= GOALS["latency_b3_p50_ms"]) if b == 3 else "",
+                     f"<= {GOALS['latency_b3_p50_ms']:.0f} ms" if b == 3 else "", met(lat["b3_p50"] <= GOALS["latency_b3_p50_ms"]) if b == 3 else "",
                      lat["rss_mib"]))
     for name in args.backends:
         v = r[f"latency_{name}"]
         if v is not lat:
             rows.append((f"single image 640x480 `cap.caption([img])`, beam 3, p50 / p90 ({args.reps_lat} reps)", name,
-                         f"{v['b3_p50']:.1f} / {v['b3_p90']:.1f} ms", "<= 100 ms",
+                         f"{v['b3_p50']:.1f} / {v['b3_p90']:.1f} ms", f"<= {GOALS['latency_b3_p50_ms']:.0f} ms",
                          met(v["b3_p50"] <= GOALS["latency_b3_p50_ms"]), v["rss_mib"]))
     for every in ("1", "0.5"):
         v = r[f"video_{every}"]
         rows.append((f"`captioner video` {args.seconds} s 640x360 H.264, --every {every} ({v['frames']} frames, "
                      "decode + caption, beam 3, excl. load)", f"auto: {v.get('backend', '?')}",
-                     f"{v['fps']:.1f} frames/s", "", "", v["rss_mib"]))
+                     f"{v['fps']:.1f} frames/s", f">= {GOALS['video_fps']:.0f}" if every == "1" else "",
+                     met(v["fps"] >= GOALS["video_fps"]) if every == "1" else "", v["rss_mib"]))
     settings = r.get("settings", {})
     out = [f"CPU: {settings.get('cpu', '?')}; model: {settings.get('model', 'shipped')}; {args.threads} threads", "",
            "| measurement | backend | result | goal | met | peak RSS MiB |", "|---|---|---|---|---|---|"]

@@ -27,8 +27,8 @@ import torch
 from .compiled import cache_root
 from .decoder import Decoder, State
 from .errors import CaptionerError
-from .onnx_encoder import (FORMAT, INSTALL, cache_folder, locked, make_session, one_line, onnxruntime_version,
-                           problem, publish, quiet, require_ort)
+from .onnx_encoder import (FORMAT, cache_folder, ensure_export, make_session, onnxruntime_version, publish,
+                           require_ort, write_export)
 
 log = logging.getLogger("captioner")
 
@@ -81,17 +81,7 @@ def export(decoder: Decoder, path: Path) -> Path:
     dynamic = {"words": {0: n}, "a": {0: n, 1: grid}, "keys": {0: n, 1: grid}, "h": {0: n}, "c": {0: n}}
 
     def write(tmp: Path) -> None:
-        try:
-            with torch.no_grad(), quiet():
-                program = torch.onnx.export(_Step(decoder).eval(), example, dynamo=True, input_names=names,
-                                            output_names=_outputs(decoder), dynamic_shapes=dynamic, optimize=True)
-                program.save(str(tmp), external_data=False)
-        except ImportError as exc:
-            raise CaptionerError(f"exporting to ONNX needs {exc.name or 'onnx and onnxscript'} ({INSTALL})") from None
-        except OSError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - exporter failures: one line, no traceback
-            raise CaptionerError(f"exporting the decoder to ONNX failed ({one_line(exc)}); use --backend torch") from None
+        write_export(_Step(decoder), example, tmp, names, _outputs(decoder), dynamic, "decoder")
 
     publish(write, path, {"decoder": cfg.to_dict()})
     log.info("exported in %.1f s", time.perf_counter() - start)
@@ -146,13 +136,7 @@ def onnx_decoder(decoder: Decoder, root: Path | None = None) -> OnnxDecoder:
     require_ort()
     decoder.eval()
     path = export_path(decoder, root)
-    cache_folder(path)
-    with locked(path):
-        why = problem(path)
-        if why is not None:
-            if why != "missing":
-                log.warning("the ONNX decoder %s is %s: exporting it again", path, why)
-            export(decoder, path)
+    ensure_export(path, lambda: export(decoder, path), "decoder")
     found = OnnxDecoder(decoder, path)
     found.session()
     return found

@@ -201,6 +201,23 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
+def write_export(module: torch.nn.Module, example: tuple, tmp: Path, inputs: list[str], outputs: list[str],
+                 dynamic: dict[str, dict[int, Any]], what: str) -> None:
+    """torch.onnx.export (dynamo) of `module` (eval, no grad) on `example` into the file `tmp`, quietly; an exporter
+    failure is one CaptionerError naming `what` (the encoder, the decoder)."""
+    try:  # the exporter prints its progress and warns about what it decomposes: one line if it fails
+        with torch.no_grad(), quiet():
+            program = torch.onnx.export(module.eval(), example, dynamo=True, input_names=inputs, output_names=outputs,
+                                        dynamic_shapes=dynamic, optimize=True)
+            program.save(str(tmp), external_data=False)
+    except ImportError as exc:
+        raise CaptionerError(f"exporting to ONNX needs {exc.name or 'onnx and onnxscript'} ({INSTALL})") from None
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporter failures: one line, no traceback
+        raise CaptionerError(f"exporting the {what} to ONNX failed ({one_line(exc)}); use --backend torch") from None
+
+
 def export(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
     """Export the prepared fp32 `encoder` (on CPU) to `path` with a dynamic batch size, atomically."""
     if not encoder.prepared or encoder.weights_dtype != torch.float32:
@@ -211,21 +228,9 @@ def export(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
     start = time.perf_counter()
 
     def write(tmp: Path) -> None:
-        example = torch.zeros(2, 3, *size)
         batch = torch.export.Dim("batch", min=1, max=4096)
-        try:  # the exporter prints its progress and warns about what it decomposes: one line if it fails
-            with torch.no_grad(), quiet():
-                program = torch.onnx.export(_Features(encoder).eval(), (example,), dynamo=True,
-                                            input_names=["images"], output_names=["features"],
-                                            dynamic_shapes={"images": {0: batch}}, optimize=True)
-                program.save(str(tmp), external_data=False)
-        except ImportError as exc:
-            raise CaptionerError(f"exporting to ONNX needs {exc.name or 'onnx and onnxscript'} ({INSTALL})") from None
-        except OSError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - exporter failures: one line, no traceback
-            raise CaptionerError(f"exporting the encoder to ONNX failed ({one_line(exc)}); "
-                                 "use --backend torch") from None
+        write_export(_Features(encoder), (torch.zeros(2, 3, *size),), tmp, ["images"], ["features"],
+                     {"images": {0: batch}}, "encoder")
 
     publish(write, path, {"input": [3, *size], "encoder": encoder.config.name})
     log.info("exported in %.1f s", time.perf_counter() - start)
@@ -283,6 +288,18 @@ class OnnxEncoder:
         return torch.from_numpy(self.session().run(None, {"images": x})[0])
 
 
+def ensure_export(path: Path, make: Callable[[], Any], what: str) -> None:
+    """Under the lock: `make()` the export at `path` when it is missing, or again (with a warning) when it is damaged
+    or stale (`problem`)."""
+    cache_folder(path)
+    with locked(path):
+        why = problem(path)
+        if why is not None:
+            if why != "missing":
+                log.warning("the ONNX %s %s is %s: exporting it again", what, path, why)
+            make()
+
+
 def onnx_encoder(encoder: Encoder, size: tuple[int, int], root: Path | None = None,
                  int8: bool = False) -> OnnxEncoder:
     """The cached export of `encoder` (prepared fp32, on CPU) for (height, width) images, exported first when it
@@ -292,13 +309,7 @@ def onnx_encoder(encoder: Encoder, size: tuple[int, int], root: Path | None = No
         raise CaptionerError("--backend onnx runs on the CPU (on a GPU use --backend torch)")
     require_ort()
     path = export_path(encoder, size, root)
-    cache_folder(path)
-    with locked(path):
-        why = problem(path)
-        if why is not None:
-            if why != "missing":
-                log.warning("the ONNX encoder %s is %s: exporting it again", path, why)
-            export(encoder, path, size)
+    ensure_export(path, lambda: export(encoder, path, size), "encoder")
     if int8:
         path = check_int8(path)
     found = OnnxEncoder(path, size, "onnx-int8" if int8 else "onnx")
