@@ -18,14 +18,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import queue
-import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import chain, islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence
 
 import av
 import numpy as np
@@ -213,56 +211,6 @@ def sample_frames(path: str | Path, every: float = 1.0, scenes: bool = False,
             yield Frame(t, frame.to_image())
 
 
-T = TypeVar("T")
-READ_AHEAD = 2  # batches of frames decoded ahead of the one being captioned
-
-
-def read_ahead(items: Iterable[T], size: int) -> Iterator[T]:
-    """`items`, produced by a thread of their own up to `size` ahead: the video is decoded (FFmpeg and PIL release
-    the GIL) while the previous frames are captioned. What `items` raises is raised here, in order; when the
-    consumer stops early (an error, a closed generator) the thread is told to stop and closes `items` itself."""
-    done, stop = object(), threading.Event()
-    box: queue.Queue = queue.Queue(maxsize=max(1, size))
-
-    def put(x: object) -> bool:
-        while not stop.is_set():
-            try:
-                box.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        it = iter(items)
-        try:
-            for x in it:
-                if not put((True, x)):
-                    break
-            else:
-                put((True, done))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            put((False, exc))
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    worker = threading.Thread(target=produce, name="captioner-read-ahead", daemon=True)
-    worker.start()
-    try:
-        while True:
-            ok, x = box.get()
-            if not ok:
-                raise x
-            if x is done:
-                return
-            yield x
-    finally:
-        stop.set()
-        worker.join()
-
-
 def merge_segments(times: Sequence[float], captions: Sequence[str], duration: float,
                    similarity: float = 1.0, labels: Sequence[Labels] = ()) -> list[Segment]:
     """Merge consecutive frames whose caption equals (similarity 1.0) or has token Jaccard >= similarity
@@ -302,7 +250,7 @@ def tag_video(path: str | Path, caption_fn: CaptionFn, every: float = 1.0, scene
     times: list[float] = []
     captions: list[str] = []
     labels: list[Labels] = []
-    frames = read_ahead(sample_frames(path, every, scenes, scene_threshold, max_frames), READ_AHEAD * max(1, batch_size))
+    frames = sample_frames(path, every, scenes, scene_threshold, max_frames)
     while batch := list(islice(frames, max(1, batch_size))):
         out = [o if isinstance(o, FrameCaption) else FrameCaption(o) for o in caption_fn([f.image for f in batch])]
         if len(out) != len(batch):

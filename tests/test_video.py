@@ -304,39 +304,3 @@ def test_frames_dir(clip, tmp_path):
                                                                "000005.000.jpg", "000007.500.jpg"]
     with Image.open(out / "000002.500.jpg") as im:
         assert im.format == "JPEG" and im.size == (64, 48) and colour_of(im) == "green"
-
-
-def test_read_ahead_keeps_order_raises_in_place_and_stops_its_thread():
-    """tag_video decodes in a thread of its own while frames are captioned (video.read_ahead): the same items in
-    the same order, the producer's error raised where it happened, and an early stop closes the producer."""
-    import threading
-
-    from captioner.video import read_ahead
-
-    assert list(read_ahead(iter(range(100)), 3)) == list(range(100))
-
-    def failing():
-        yield 1
-        yield 2
-        raise VideoError("broken at 2")
-
-    got = []
-    with pytest.raises(VideoError, match="broken at 2"):
-        for x in read_ahead(failing(), 8):
-            got.append(x)
-    assert got == [1, 2]
-    closed = threading.Event()
-
-    def endless():
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-        finally:
-            closed.set()
-
-    it = read_ahead(endless(), 2)
-    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
-    it.close()  # what islice / an exception in the caption loop does
-    assert closed.wait(5) and not any(t.name == "captioner-read-ahead" for t in threading.enumerate())
