@@ -271,3 +271,23 @@ def test_a_onednn_isa_cap_turns_bf16_off_and_is_named(monkeypatch):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         assert cpu.has_fast_bf16() is fast, cap
         assert ("oneDNN capped at" in cpu.describe()) is (cap != "ALL"), cap
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_decoder_step_export_matches_torch_for_both_cells(cell, tmp_path):
+    """A small random decoder of either cell, on a 3x3 grid (the export's grid is dynamic): the onnx step's logits,
+    state and attention equal torch's to float rounding."""
+    from captioner.decoder import Decoder, DecoderConfig
+    from captioner.onnx_decoder import onnx_decoder
+
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=50, feat_dim=16, feat_proj=8, embed_dim=8, hidden_dim=12, attn_dim=6,
+                                    cell=cell, tie_weights=False)).eval()
+    step = onnx_decoder(decoder, tmp_path)
+    a, keys, state = decoder.prepare(torch.rand(4, 9, 16))
+    words = torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        ref = decoder.step(words, a, keys, state)
+    out = step.step(words, a, keys, state)
+    for x, y in ((out[0], ref[0]), (out[1][0], ref[1][0]), (out[1][1], ref[1][1]), (out[2], ref[2])):
+        assert x.shape == y.shape and float((x - y).abs().max()) < 1e-5
