@@ -56,7 +56,7 @@ def calibrate(model: Path | None, data: list[str], count: int) -> dict:
 
     train = spread([it.image for it in split_items(data, "train")], count)
     cap = Captioner.load(model, backend="onnx")
-    path, used = quantize(cap.compiled.path, calibration_batches(cap, train, 8),
+    path, used = quantize(cap.compiled.path, calibration_batches(cap, train, 8), cap.model_id,
                           {"calibration_of": "train split", "calibration_inputs": data})
     print(f"int8 encoder calibrated on {used} training images: {path}", file=sys.stderr)
     return {"images": used, "split": "train", "path": str(path)}

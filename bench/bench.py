@@ -330,7 +330,7 @@ def stage_prepare(args, data: Path) -> dict:
     user_fp32 = export_path(cap.encoder, size, Path(args.user_cache))
     if not args.calibrate and problem(user_fp32) is None:
         try:
-            user_int8 = check_int8(user_fp32)
+            user_int8 = check_int8(user_fp32, cap.model_id)
         except CaptionerError:
             user_int8 = None
         if user_int8 is not None:
@@ -353,12 +353,12 @@ def stage_prepare(args, data: Path) -> dict:
         source = Path(args.calibrate_from) if args.calibrate_from else data
         paths, _ = find_images([source], recursive=True)
         t = time.perf_counter()
-        _, used = quantize(onnx.path, calibration_batches(cap, spread(paths, args.calibrate), 8),
+        _, used = quantize(onnx.path, calibration_batches(cap, spread(paths, args.calibrate), 8), cap.model_id,
                            {"calibration_of": "bench/bench.py --calibrate", "calibration_inputs": [str(source)]})
         out.update(calibrate_s=time.perf_counter() - t, int8_source=f"calibrated here on {used} images of "
                    + (str(source) if args.calibrate_from else "the generated JPEGs"))
     try:
-        check_int8(onnx.path)
+        check_int8(onnx.path, cap.model_id)
         out["int8"] = True
     except CaptionerError:
         out["int8_source"] = None

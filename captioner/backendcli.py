@@ -93,7 +93,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise CaptionerError("no images to calibrate on" + ("" if errors else " (--recursive for subfolders?)"))
     chosen = spread(sorted(paths), args.count)
     cap = Captioner.load(args.model, "cpu", backend="onnx")
-    path, used = quantize(cap.compiled.path, calibration_batches(cap, chosen, args.batch_size),
+    path, used = quantize(cap.compiled.path, calibration_batches(cap, chosen, args.batch_size), cap.model_id,
                           {"calibration_of": len(paths), "calibration_inputs": [str(p) for p in args.inputs]})
     print(f"int8 encoder calibrated on {used} images (of {len(paths)} found): {path}")
     return 0

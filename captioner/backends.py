@@ -242,7 +242,7 @@ def use_backend(cap: "Captioner", backend: str, int8: bool = False, root: Path |
     if backend == "onnx":
         from .onnx_encoder import onnx_encoder
 
-        cap.compiled = onnx_encoder(cap.encoder, cap.input_size(), root, int8=int8)
+        cap.compiled = onnx_encoder(cap.encoder, cap.input_size(), root, int8=int8, model=cap.model_id)
         cap.backend = cap.compiled.label
     else:
         cap.encoder.prepare_inference(cap.device)  # bf16 weights where fast, as Captioner(prepare=True) does
@@ -301,7 +301,7 @@ def info(model: Path | None, measure_now: bool = False, root: Path | None = None
     if ort is not None and cap.device.type == "cpu" and any(True for _ in cap.encoder.net.parameters()):
         fp32 = export_path(cap.encoder, cap.input_size(), root)
         try:
-            int8 = check_int8(fp32)
+            int8 = check_int8(fp32, cap.model_id)
             lines.append(f"int8 (--int8): calibrated on {(read_record(int8) or {}).get('calibration_images', '?')} "
                          f"images [{int8}]")
         except CaptionerError:

@@ -11,7 +11,7 @@ The graph gives the annotation vectors only (B, L, D): what `Captioner.encode` r
 computes its class logits from the pooled features itself). On an AVX2 EPYC at one thread it runs 21 ms/img
 against 37 for the prepared torch network, with features equal to ~3e-5 (issue 18).
 
-`--int8`: `quantize` makes encoder-KEY.int8.onnx beside it by static quantization (QDQ, int8 weights per channel,
+`--int8`: `quantize` makes encoder-KEY.int8-MODEL.onnx beside it (one per captioning model) by static quantization (QDQ, int8 weights per channel,
 uint8 activations), calibrated on real images (`captioner calibrate FOLDER`); it is opt-in, and refused with one
 clear error until it is calibrated. Everything here runs on the CPU execution provider.
 """
@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -76,9 +77,12 @@ def export_path(encoder: Encoder, size: tuple[int, int], root: Path | None = Non
     return (root or cache_root()) / "onnx" / f"encoder-{export_key(encoder, size)}.onnx"
 
 
-def int8_path(fp32: Path) -> Path:
-    """Where the int8 model of the fp32 export `fp32` lives: beside it."""
-    return fp32.with_name(fp32.stem + ".int8.onnx")
+def int8_path(fp32: Path, model: str) -> Path:
+    """Where the int8 model of the fp32 export `fp32` calibrated for the captioning model `model` (its model_id)
+    lives: beside it. One per model: models that share the ImageNet encoder (the shipped one, a UCM one) are
+    calibrated on their own images, and one's calibration must not replace the other's."""
+    tag = re.sub(r"[^0-9a-zA-Z]", "", model.rsplit("+", 1)[-1])[:16] or "model"
+    return fp32.with_name(f"{fp32.stem}.int8-{tag}.onnx")
 
 
 def _record_path(model: Path) -> Path:
@@ -301,9 +305,10 @@ def ensure_export(path: Path, make: Callable[[], Any], what: str) -> None:
 
 
 def onnx_encoder(encoder: Encoder, size: tuple[int, int], root: Path | None = None,
-                 int8: bool = False) -> OnnxEncoder:
+                 int8: bool = False, model: str = "") -> OnnxEncoder:
     """The cached export of `encoder` (prepared fp32, on CPU) for (height, width) images, exported first when it
-    is missing, stale or damaged; with int8, its calibrated int8 model (CaptionerError when there is none yet).
+    is missing, stale or damaged; with int8, its int8 model calibrated for the captioning model `model` (its
+    model_id; CaptionerError when there is none yet).
     The session is made once here, so that a file onnxruntime cannot load fails before any image is read."""
     if next(encoder.net.parameters(), torch.empty(0)).device.type != "cpu":
         raise CaptionerError("--backend onnx runs on the CPU (on a GPU use --backend torch)")
@@ -311,15 +316,16 @@ def onnx_encoder(encoder: Encoder, size: tuple[int, int], root: Path | None = No
     path = export_path(encoder, size, root)
     ensure_export(path, lambda: export(encoder, path, size), "encoder")
     if int8:
-        path = check_int8(path)
+        path = check_int8(path, model)
     found = OnnxEncoder(path, size, "onnx-int8" if int8 else "onnx")
     found.session()
     return found
 
 
-def check_int8(fp32: Path) -> Path:
-    """The int8 model beside the fp32 export `fp32`, or one CaptionerError that says how to make it."""
-    path = int8_path(fp32)
+def check_int8(fp32: Path, model: str) -> Path:
+    """The int8 model beside the fp32 export `fp32` for the captioning model `model`, or one CaptionerError that
+    says how to make it."""
+    path = int8_path(fp32, model)
     why = problem(path)
     if why == "missing":
         raise CaptionerError("--int8: no int8 encoder for this model yet; make one from real images with "
@@ -348,10 +354,12 @@ class _Batches:
         pass
 
 
-def quantize(fp32: Path, batches: Iterable[torch.Tensor], about: dict[str, Any] | None = None) -> tuple[Path, int]:
+def quantize(fp32: Path, batches: Iterable[torch.Tensor], model: str,
+             about: dict[str, Any] | None = None) -> tuple[Path, int]:
     """Static int8 quantization of the fp32 export `fp32` (QDQ; int8 weights per output channel, uint8
-    activations with MinMax ranges), calibrated on `batches` of preprocessed images; written beside it,
-    atomically. Returns the int8 model's path and the number of calibration images."""
+    activations with MinMax ranges), calibrated on `batches` of preprocessed images for the captioning model
+    `model` (its model_id); written beside it, atomically. Returns the int8 model's path and the number of
+    calibration images."""
     require_ort()
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -359,7 +367,7 @@ def quantize(fp32: Path, batches: Iterable[torch.Tensor], about: dict[str, Any] 
     except ImportError as exc:
         raise CaptionerError(f"--int8 needs onnxruntime's quantization tools ({INSTALL}): {exc}") from None
     reader = _Batches(batches)
-    path = int8_path(fp32)
+    path = int8_path(fp32, model)
     start = time.perf_counter()
 
     def write(tmp: Path) -> None:
@@ -383,7 +391,7 @@ def quantize(fp32: Path, batches: Iterable[torch.Tensor], about: dict[str, Any] 
             raise CaptionerError("int8 calibration needs at least one readable image")
         extra["calibration_images"] = reader.images  # publish writes the record after this
 
-    extra = {"source_sha256": (read_record(fp32) or {}).get("sha256"), **(about or {})}
+    extra = {"source_sha256": (read_record(fp32) or {}).get("sha256"), "model": model, **(about or {})}
     with locked(path):
         publish(write, path, extra)
     log.debug("int8 encoder calibrated on %d images in %.1f s: %s", reader.images, time.perf_counter() - start, path)

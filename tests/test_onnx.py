@@ -237,10 +237,10 @@ def test_int8_calibrates_on_real_images_and_encodes(shipped_onnx, photos, tmp_pa
     features of the fp32 shape, and `caption --int8` runs it; a damaged int8 file is refused, not rebuilt."""
     assert main(["calibrate", str(photos), "--count", "4"]) == 0
     assert "calibrated on 4 images (of 6 found)" in capsys.readouterr().out
-    fp32 = shipped_onnx.compiled.path
-    assert int8_path(fp32).is_file() and int8_path(fp32).parent == fp32.parent and problem(int8_path(fp32)) is None
+    fp32, int8 = shipped_onnx.compiled.path, int8_path(shipped_onnx.compiled.path, shipped_onnx.model_id)
+    assert int8.is_file() and int8.parent == fp32.parent and problem(int8) is None
     cap = Captioner.load(backend="onnx", int8=True)
-    assert cap.backend == "onnx-int8" and cap.compiled.path == int8_path(fp32)
+    assert cap.backend == "onnx-int8" and cap.compiled.path == int8
     x = cap.preprocess([picture(i, (320, 240)) for i in range(3)])
     feats = cap.encode(x)
     assert feats.shape == (3, 49, 1280) and feats.dtype == torch.float32 and torch.isfinite(feats).all()
@@ -249,13 +249,20 @@ def test_int8_calibrates_on_real_images_and_encodes(shipped_onnx, photos, tmp_pa
     assert main(["-q", "caption", str(photos), "--int8", "--workers", "0", "-o", str(tmp_path / "int8.csv")]) == 0
     assert len(read_rows(tmp_path / "int8.csv", "csv")) == 6
     kept = tmp_path / "int8.onnx"
-    shutil.copy(int8_path(fp32), kept)
-    int8_path(fp32).write_bytes(kept.read_bytes()[:1000])
+    shutil.copy(int8, kept)
+    int8.write_bytes(kept.read_bytes()[:1000])
     assert main(["caption", str(photos), "--int8", "--workers", "0"]) == 1
     err = capsys.readouterr().err
     assert "the int8 encoder" in err and "damaged" in err and "captioner calibrate" in err
-    shutil.copy(kept, int8_path(fp32))
+    shutil.copy(kept, int8)
     assert export_path(cap.encoder, cap.input_size()) == fp32
+
+
+def test_int8_models_are_kept_per_captioning_model(tmp_path):
+    """Two captioning models on one encoder export (the shipped one and, say, a UCM one) get an int8 file each."""
+    fp32 = tmp_path / "encoder-abc.onnx"
+    a, b = int8_path(fp32, "efficientnet_lite0+0123456789ab"), int8_path(fp32, "efficientnet_lite0+ba9876543210")
+    assert a != b and a.parent == b.parent == tmp_path and a.name == "encoder-abc.int8-0123456789ab.onnx"
 
 
 def test_a_onednn_isa_cap_turns_bf16_off_and_is_named(monkeypatch):
