@@ -1,10 +1,11 @@
 """The decoder's step in ONNX Runtime (`--backend onnx`, and what `--backend auto` picks where it is faster).
 
 Greedy and beam search (search.py) call `Decoder.step` once per word for every unfinished row. On CPUs where torch
-multiplies through MKL's generic path (AMD EPYC: torch 2.14's MKL sgemm reaches ~40 GFLOP/s at 96 rows and
-~3 GFLOP/s at 3, while onnxruntime's MLAS reaches ~80 and ~40 on the same shapes, with its weights packed once
-when the session loads), the step is 2-4x faster in onnxruntime; the decoder's weights (14 MB for the shipped
-model) are read once per step, so the step is bound by memory at small batches either way.
+multiplies through MKL's generic path (AMD EPYC, the output layer 384 x 3,029 at one thread: torch 2.14's MKL
+sgemm ~40 GFLOP/s at 96 rows and ~17 at 3 rows in isolation, ~5 inside the search where the weights have left
+the cache; onnxruntime's MLAS ~75 at both, its weights packed once when the session loads), the whole step is
+2-4x faster in onnxruntime. The decoder's weights (14 MB for the shipped model) are read once per step, so at
+small batches the step is bound by memory either way.
 
 Only the step is exported: `Decoder.prepare` (once per batch) stays in torch, and so does the search's own logic.
 `OnnxDecoder` stands in for the Decoder in search.py: `cfg` and `prepare` are the torch decoder's, `step` runs the
