@@ -145,7 +145,7 @@ BACKENDS = ("auto", "torch", "onnx", "compiled")
 
 def add_backend_args(p: argparse.ArgumentParser, compile_alias: bool = False) -> None:
     """--backend and --int8 (backends.py), and for `caption` the older --compile."""
-    g = p.add_argument_group("encoder backend")
+    g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="what runs the encoder and the decoder: auto (default: for each, the faster of torch and onnx "
                         "on this CPU, measured once and kept in the cache; `captioner info` shows it), torch, onnx "
