@@ -257,11 +257,11 @@ def stage_ceiling(args, data: Path) -> dict:
     from captioner.batch import _Files, _split_transform
     from captioner.model import Captioner
 
-    from captioner import batch
+    from captioner.batch import use_worker_jpeg_decoder
 
     torch.set_num_threads(1)
     cap, paths = Captioner.load(), sorted(data.glob("*.jpg"))[:32]
-    batch._DECODERS[os.getpid()] = batch._make_jpeg_decoder()  # the JPEG decoder a caption worker uses
+    use_worker_jpeg_decoder()
     files = _Files(paths, len(paths), *_split_transform(cap.transform))  # one batch, loaded as the workers do
     load = lambda: files[0][1]  # noqa: E731
     x, ms = load(), lambda fn: 1000 * float(np.median(repeat(fn, 5, 1))) / len(paths)  # noqa: E731

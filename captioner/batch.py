@@ -91,6 +91,12 @@ def _jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return _DECODERS[pid]
 
 
+def use_worker_jpeg_decoder() -> None:
+    """Decode JPEGs in this process as a caption worker does (bench/bench.py's ceiling stage measures the
+    workers' path in its own process). fd 2 points at /dev/null during each decode (_make_jpeg_decoder)."""
+    _DECODERS[os.getpid()] = _make_jpeg_decoder()
+
+
 def _load(path: Path, min_side: int) -> Image.Image | torch.Tensor:
     """What the per-image transform gets: load_image's RGB picture, or for a JPEG the same pixels faster.
     With a resize target (min_side > 0), a JPEG that PIL's header shows within the pixel limit is decoded
