@@ -251,10 +251,9 @@ def stage_ceiling(args, data: Path) -> dict:
     the most `cores` one-thread workers could do with perfect scaling, perfect overlap and no other overhead
     (an upper bound: side by side, the encoder alone already loses some of it). The encode step and the bound
     are also given for each other backend of --backends (the same 32 images, each backend in its own Captioner)."""
-    import multiprocessing as mp
-
     import torch
     from captioner.batch import _Files, _split_transform
+    from captioner.workers import context as worker_context
     from captioner.model import Captioner
 
     from captioner.batch import use_worker_jpeg_decoder
@@ -292,7 +291,7 @@ def stage_ceiling(args, data: Path) -> dict:
                 out[f"search_onnx_b{b}_ms"] = ms(lambda: cap.caption_features(feats, cfg))
             cap.step_decoder = torch_step
     cores, reps = os.cpu_count() or 1, 5
-    ctx = mp.get_context("fork")  # forked: the processes share the loaded model, as the caption workers do
+    ctx = worker_context()  # started as the caption workers are (from the fork server), the model sent to each
     barrier, results = ctx.Barrier(cores), ctx.Queue()
     procs = [ctx.Process(target=_encode_loop, args=(cap, x, reps, barrier, results)) for _ in range(cores)]
     for proc in procs:

@@ -258,6 +258,7 @@ def use_backend(cap: "Captioner", backend: str, int8: bool = False, root: Path |
         cap.step_decoder = cap.decoder
     cap.decoder_backend = decoder
     cap._warm = False
+    log.debug("runtimes: encoder %s, decoder step %s", cap.backend, decoder)
     return cap.backend
 
 

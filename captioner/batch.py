@@ -24,10 +24,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
-from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_backend_args, add_common_args,
+from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKER_SECONDS, WORKERS, UsageError, add_backend_args, add_common_args,
                       add_model_args, add_search_args, outcome, resolve_backend, search_kwargs, show_progress)
 from .errors import CaptionerError
 from .images import MAX_PIXELS, display_name, find_images, load_image, size_warning, skipped_summary, to_rgb
+from .workers import WORKER_TIMEOUT, loader_errors
+from .workers import context as worker_context
+from .workers import start as start_workers
 
 if TYPE_CHECKING:  # torch, torchvision and tqdm are imported when captioning starts, not to parse arguments
     import torch
@@ -46,7 +49,8 @@ class CaptionJob:
     no_repeat_ngram: int | None = None
     no_repeat_words: bool | None = None
     batch_size: int = 32
-    workers: int = 0  # DataLoader processes that load + transform images (0: in this process)
+    workers: int = 0  # processes that load and caption batches (0: in this process; workers.py)
+    worker_timeout: float = WORKER_TIMEOUT  # seconds without a batch from the workers before it stops
     progress_bar: bool = False  # tqdm bar (images/s) on stderr
 
 
@@ -190,11 +194,11 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     on_batch(rows) runs after each batch (e.g. a writer), progress(images_done) too; overrides are
     CaptionJob fields (`beam=3`). `alternatives` holds every returned beam as [text, score], best first.
 
-    With workers on CPU, each loading process captions its own batches end to end (load, encode, search;
-    one thread each, as DataLoader workers do) and this process only collects and writes: on a 2-core CPU
-    that keeps both cores busy with no thread waiting on another. Encoding in the workers and searching
-    here was slower (a third busy process: 136 vs 163 img/s greedy on 1,000 images, README "Speed").
-    On CUDA the model stays here."""
+    With workers on CPU and more than one batch, each worker captions its own batches end to end (load,
+    encode, search; one thread each) and this process only collects and writes. Workers start from the fork
+    server (workers.py) and make their own runtime sessions; a job of one batch runs here, at once. A worker
+    that returns no batch within job.worker_timeout stops the job with one CaptionerError. On CUDA the model
+    stays here (docs/design.md "Worker processes")."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -203,19 +207,21 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
                             no_repeat_ngram=job.no_repeat_ngram, no_repeat_words=job.no_repeat_words)
     paths = [Path(p) for p in paths]
     per_image, per_batch, min_side = _split_transform(cap.transform)
-    in_workers = job.workers > 0 and cap.device.type == "cpu"
-    if in_workers and len(paths) > job.batch_size:
-        cap.warm_up(threads=1)  # once, here, at the workers' one thread: they inherit oneDNN's kernels for it
+    batches = -(-len(paths) // max(1, job.batch_size))
+    workers = min(job.workers, batches) if cap.device.type == "cpu" and batches > 1 else 0  # one batch: here
     files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side,
-                   partial(cap.caption_tensors, cfg=cfg) if in_workers else None)  # picklable for spawn too
-    loader = DataLoader(files, batch_size=None, num_workers=job.workers)
+                   partial(cap.caption_tensors, cfg=cfg) if workers else None)
+    loader = DataLoader(files, batch_size=None, num_workers=workers, multiprocessing_context=worker_context()
+                        if workers else None, timeout=job.worker_timeout if workers else 0)
     results: list[Row] = []
-    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
+    kept = lambda: f"{len(results)} images were captioned before it stopped (with -o they are kept: rerun with --resume)"  # noqa: E731
+    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar, \
+            loader_errors("caption worker", job.worker_timeout, kept):
         for idx, x, failed, warnings in loader:
             rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err,
                         "warning": ""} for i, err in failed}
             if x is not None:
-                found = x if in_workers else cap.caption_tensors(x, cfg)
+                found = x if workers else cap.caption_tensors(x, cfg)
                 for i, c in zip(idx, found):
                     rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
                                "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": "",
@@ -409,7 +415,11 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"also write the N best captions (alternatives; N <= --beam), {TOPK.describe()}")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help=f"images per batch, {BATCH_SIZE.describe()} (default 32)")
     p.add_argument("--workers", type=WORKERS, default=min(2, os.cpu_count() or 1),
-                   help=f"image-loading processes, {WORKERS.describe()} (0 = in the main process; default %(default)s)")
+                   help=f"processes that load and caption batches, {WORKERS.describe()} (0 = in the main process; "
+                        "a job of one batch always runs there; default %(default)s)")
+    p.add_argument("--worker-timeout", type=WORKER_SECONDS, default=WORKER_TIMEOUT, metavar="SECONDS",
+                   help="stop with an error (exit 1, rows written so far kept) when no worker finishes a batch for "
+                        f"this long, {WORKER_SECONDS.describe()} (default %(default)g)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in OUT, caption only the missing images (a .sqlite library also "
                         "re-captions changed photos and drops deleted ones); without -o, with --write-metadata or "
@@ -485,11 +495,13 @@ def run_caption(args: argparse.Namespace) -> int:
     if not paths:
         raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
     exiftool = metadata.find_exiftool() if tagging else None  # before the model loads: fail fast
+    if args.workers and len(paths[rank::world]) > args.batch_size and args.device == "cpu":
+        start_workers()  # the fork server's imports overlap the model's loading
     local = os.environ.get("LOCAL_RANK", "0")
     cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device,
                          backend=args.backend, int8=args.int8)
     job = CaptionJob(**search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
-                     progress_bar=show_progress(args) and rank == 0)
+                     worker_timeout=args.worker_timeout, progress_bar=show_progress(args) and rank == 0)
     alternatives = cap.search_config(**search_kwargs(args), topk=args.topk).topk > 1
     stamps = metadata.stamps(paths[rank::world]) if tagging or fmt == "sqlite" else {}
     with contextlib.ExitStack() as stack:

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import CaptionerError
 from .images import load_image
+from .workers import WORKER_TIMEOUT, loader_errors
+from .workers import context as worker_context
 
 log = logging.getLogger("captioner")
 SPLITS = ("train", "val", "test")
@@ -240,17 +242,20 @@ def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, ta
     from tqdm import tqdm
 
     loader = DataLoader(_ImageFiles(paths, transform, seed=view, offset=offset), batch_size=batch_size,
-                        num_workers=num_workers, generator=torch.Generator().manual_seed(view))  # no global RNG draws
+                        num_workers=num_workers, generator=torch.Generator().manual_seed(view),  # no global RNG draws
+                        multiprocessing_context=worker_context() if num_workers else None,
+                        timeout=WORKER_TIMEOUT if num_workers else 0)
     tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
     out = None
     row = 0
     encoder.to(device)
-    for images in tqdm(loader, desc=f"encoding view {view}", unit="batch", leave=False):
-        feats = encoder.encode_cached(images.to(device))
-        if out is None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *feats.shape[1:]))
-        out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
-        row += len(feats)
+    with loader_errors("image-loading worker", WORKER_TIMEOUT):
+        for images in tqdm(loader, desc=f"encoding view {view}", unit="batch", leave=False):
+            feats = encoder.encode_cached(images.to(device))
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *feats.shape[1:]))
+            out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
+            row += len(feats)
     assert out is not None, "no images to encode"
     out.flush()
     del out
@@ -325,6 +330,14 @@ class CaptionPairs(Dataset):
             return self.view(idx), self.captions[idx]
         image, caption = self.pairs[idx]
         return self.view(image), [caption]
+
+    def __getstate__(self) -> dict:  # a worker's copy: torch cannot send a Generator through a process pipe
+        return {**self.__dict__, "gen": self.gen.get_state().numpy().tobytes()}
+
+    def __setstate__(self, state: dict) -> None:
+        gen = torch.Generator()
+        gen.set_state(torch.frombuffer(bytearray(state["gen"]), dtype=torch.uint8))
+        self.__dict__.update(state, gen=gen)
 
     def view(self, image: int) -> torch.Tensor:
         """One of the image's cached views, drawn with self.gen."""

@@ -237,7 +237,7 @@ class Encoder(nn.Module):
         """Fast inference: channels_last and (on CPU with bf16 support, or CUDA) bf16 autocast, or the bf16
         weights of a prepared network. Returns float32 tensors."""
         device = images.device
-        if self.weights_dtype == torch.bfloat16:
+        if self.prepared:  # its weights' dtype decides, as chosen once by prepare_inference (also in a worker)
             with torch.no_grad():
                 return self.forward_prepared(images)
         images = images.contiguous(memory_format=torch.channels_last)

@@ -34,6 +34,8 @@ from .model import build_decoder, load_checkpoint, save_checkpoint
 from .scst import scst_epoch
 from .search import SearchConfig, search
 from .vocab import Vocab, tokenize
+from .workers import WORKER_TIMEOUT
+from .workers import context as worker_context
 
 log = logging.getLogger("captioner")
 
@@ -185,7 +187,9 @@ def epoch_loader(dataset: CaptionPairs, text_pairs: TextPairs, n_text: int, cfg:
     # (one worker draws the views in the same order, so the batches are the ones the RAM copy gives)
     workers = 1 if dataset.streamed else 0
     return DataLoader(epoch_data, batch_size=per_batch, sampler=sampler, collate_fn=partial(collate, pad=pad),
-                      num_workers=workers, prefetch_factor=STREAM_PREFETCH if workers else None)
+                      num_workers=workers, prefetch_factor=STREAM_PREFETCH if workers else None,
+                      multiprocessing_context=worker_context() if workers else None,
+                      timeout=WORKER_TIMEOUT if workers else 0)
 
 
 def image_loader(images: ImageViews, cfg: TrainConfig, epoch: int) -> DataLoader:

@@ -84,7 +84,7 @@ def test_captions_are_identical_torch_and_onnx(shipped_onnx, fp32_cpu):
 
 
 def test_backend_flag_through_the_cli(shipped_onnx, fp32_cpu, photos, tmp_path):
-    """--backend onnx and --backend torch give the same rows, with forked workers (each makes its own session)."""
+    """--backend onnx and --backend torch give the same rows, with workers (each makes its own session)."""
     common = ["-q", "caption", str(photos), "--workers", "2", "--batch-size", "2"]
     for backend in ("onnx", "torch"):
         assert main(common + ["--backend", backend, "-o", str(tmp_path / f"{backend}.csv")]) == 0
