@@ -26,8 +26,9 @@ from PIL import Image
 
 from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_backend_args, add_common_args,
                       add_model_args, add_search_args, outcome, resolve_backend, search_kwargs, show_progress)
-from .errors import CaptionerError
-from .images import MAX_PIXELS, display_name, find_images, load_image, size_warning, skipped_summary, to_rgb
+from .errors import CaptionerError, OutputExists
+from .images import (MAX_PIXELS, clean_text, display_name, find_images, load_image, path_text, size_warning,
+                     skipped_summary, to_rgb)
 
 if TYPE_CHECKING:  # torch, torchvision and tqdm are imported when captioning starts, not to parse arguments
     import torch
@@ -232,11 +233,13 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
 
 # ----------------------------------------------------------------------------- files ------
 def _record(row: Row, alternatives: bool) -> Row:
-    """A result dict as written: scores rounded, alternatives only when asked for (topk > 1)."""
+    """A result dict as written: path as path_text (valid UTF-8, one line, lossless), scores rounded, alternatives
+    only when asked for (topk > 1)."""
     score = row["score"]
-    return {"path": row["path"], "caption": row["caption"], "score": None if score is None else round(score, 4),
+    return {"path": path_text(row["path"]), "caption": row["caption"],
+            "score": None if score is None else round(score, 4),
             "alternatives": [[t, round(s, 4)] for t, s in row["alternatives"]] if alternatives else [],
-            "error": row["error"] or None, "warning": row.get("warning") or None}
+            "error": clean_text(row["error"]) or None, "warning": clean_text(row.get("warning") or "") or None}
 
 
 def _dump(records: Sequence[Row], fmt: str, header: bool = False) -> str:
@@ -364,7 +367,7 @@ def _parts(out: Path) -> list[Path]:
 
 def merge_parts(out: Path, fmt: str, parts: list[Path], order: Sequence[Path], keep_existing: bool) -> list[Row]:
     """Rank 0 under torchrun: the parts (and out's own rows if keep_existing) into out, in `order`, atomically."""
-    position = {str(p): i for i, p in enumerate(order)}
+    position = {path_text(p): i for i, p in enumerate(order)}
     records: dict[str, Row] = {}
     for f in ([out] if keep_existing else []) + parts:
         for r in read_rows(f, fmt):
@@ -391,9 +394,10 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "caption", help="caption image files, folders and glob patterns in batches",
         description="Caption images (sorted by path) in batches. Default output: PATH<TAB>caption lines on stdout. "
-                    "With -o, rows (path, caption, score, alternatives, error) are appended and synced after every "
-                    "batch, so a killed run loses nothing: rerun it with the same PATHs and --resume (rows are "
-                    "matched by path). Unreadable files are reported on stderr and written with `error` set. "
+                    "With -o, rows (path, caption, score, alternatives, error, warning) are written and synced after "
+                    "every batch, so a killed run loses nothing: rerun it with the same PATHs and --resume (rows are "
+                    "matched by path). An existing OUT is never replaced silently: --resume adds the missing rows to "
+                    "it, --overwrite replaces it; without either the run is refused (exit 2). Unreadable files are reported on stderr and written with `error` set. "
                     "With --write-metadata or --sidecar, a file whose metadata could not be written counts as failed.",
         epilog=EXIT_EPILOG + " Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
                "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
@@ -414,6 +418,8 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep the rows already in OUT, caption only the missing images (a .sqlite library also "
                         "re-captions changed photos and drops deleted ones); without -o, with --write-metadata or "
                         "--sidecar: skip the images that already carry captioner's description")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (without --resume or --overwrite an existing OUT is refused, exit 2)")
     add_metadata_args(p)
     add_model_args(p)
     add_backend_args(p, compile_alias=True)
@@ -444,9 +450,21 @@ def check_caption_args(args: argparse.Namespace) -> None:
         raise UsageError("--resume and torchrun need -o OUT (--resume also works with --write-metadata or --sidecar)")
     if fmt == "sqlite" and world > 1:
         raise UsageError("a .sqlite library is written by one process: run without torchrun")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume keeps OUT's rows, --overwrite replaces them: use one")
+    if args.output is not None and not (args.resume or args.overwrite) and _has_rows(args.output):
+        raise OutputExists(f"{display_name(args.output)} exists: use --resume to add to it or --overwrite to replace it")
     problem = metadata.usage_problem(args)
     if problem:
         raise UsageError(problem)
+
+
+def _has_rows(out: Path) -> bool:
+    """OUT is a file with something in it (an empty file, e.g. from mktemp, holds nothing to lose)."""
+    try:
+        return out.is_file() and out.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _world() -> tuple[int, int]:
@@ -462,8 +480,8 @@ def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
             tqdm.write(f"captioner: {display_name(r['path'])}: {r['error']}", file=sys.stderr)
         elif r.get("warning"):
             tqdm.write(f"captioner: {display_name(r['path'])}: warning: {r['warning']}", file=sys.stderr)
-        if stdout and not r["error"]:
-            print(f"{display_name(r['path'])}\t{r['caption']}", flush=True)
+        if stdout and not r["error"]:  # the path as path_text: tab, newline and odd bytes escaped
+            print(f"{path_text(r['path'])}\t{r['caption']}", flush=True)
             for n, (text, score) in enumerate(r["alternatives"][1:] if alternatives else [], 2):
                 print(f"\t{n}. {text} ({score:.3f})", flush=True)
 
@@ -515,9 +533,9 @@ def run_caption(args: argparse.Namespace) -> int:
             for f in ([out] + (_parts(out) if world > 1 else [])) if args.resume else []:
                 old += read_rows(f, fmt, fix=f == part)
             writer = FileWriter(part, fmt, append=args.resume, alternatives=alternatives)
-        done = {r["path"] for r in old}
+        done = {r["path"] for r in old}  # path_text; a raw name in a file from before path_text still counts
         stack.callback(writer.close)
-        results = caption_files(cap, [p for p in paths[rank::world] if str(p) not in done], job,
+        results = caption_files(cap, [p for p in paths[rank::world] if path_text(p) not in done and str(p) not in done], job,
                                 lambda rows: (tag(rows), _echo(rows, False, alternatives), writer(rows)))
     rows: list[Row] = old + results
     if world > 1:

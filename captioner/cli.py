@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             check(args)  # options that do not go together: UsageError
     except UsageError as exc:
         return usage_error(exc.parser or getattr(args, "parser", parser), str(exc))
+    except CaptionerError as exc:  # e.g. an existing output without --resume/--overwrite: exit 2, one line
+        print(f"captioner: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     logging.basicConfig(level=_log_level(args), format="%(message)s")
     try:
         with progress_disabled(args.no_progress):

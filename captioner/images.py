@@ -39,6 +39,38 @@ def display_name(path: object) -> str:
     return " ".join(text.splitlines()) or "<unnamed>"
 
 
+_ESCAPE = re.compile(r"[\\\x00-\x1f\x7f\udc80-\udcff]")
+_UNESCAPE = re.compile(r"\\(\\|x[0-9a-fA-F]{2})")
+
+
+def path_text(path: object) -> str:
+    """A file name as one line of valid UTF-8, losslessly (the `path` written to CSV, JSONL, SQLite and stdout):
+    a backslash becomes `\\\\`, a byte that is not UTF-8 or is a control character (tab, newline, ...)
+    `\\xNN`; any other name is unchanged. path_from_text undoes it (also Python's codecs.escape_decode)."""
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        return "\\\\" if c == "\\" else f"\\x{ord(c) & 0xFF:02x}"
+    return _ESCAPE.sub(escape, text)
+
+
+def path_from_text(text: str) -> str:
+    """The file name (a str as os.fsdecode gives it) that path_text wrote as `text`."""
+    raw, pos = bytearray(), 0
+    for m in _UNESCAPE.finditer(text):
+        raw += text[pos:m.start()].encode("utf-8", "surrogateescape")
+        raw += b"\\" if m.group(1) == "\\" else bytes([int(m.group(1)[1:], 16)])
+        pos = m.end()
+    raw += text[pos:].encode("utf-8", "surrogateescape")
+    return os.fsdecode(bytes(raw))
+
+
+def clean_text(text: str) -> str:
+    """Text that may hold surrogate escapes (a message quoting a file name) as valid UTF-8 (U+FFFD)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 

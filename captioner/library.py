@@ -1,7 +1,8 @@
 """A captioned photo library in one SQLite file (`captioner caption DIR -o library.sqlite`) and its search
 (`captioner search library.sqlite "dog on the beach"`), with the standard library's sqlite3 and FTS5.
 
-Table `photos`: path (unique), size, mtime (seconds) and mtime_ns (exact, what --resume compares), caption,
+Table `photos`: path (unique; images.path_text: `\\` for a backslash, `\\xNN` for a byte that is not UTF-8
+or a control character), size, mtime (seconds) and mtime_ns (exact, what --resume compares), caption,
 alternatives (JSON [[text, score], ...]), score, model (Captioner.model_id), time (UTC, ISO 8601), error.
 FTS5 table `captions` (Porter-stemmed: "dogs" finds "dog"): each photo's caption and its alternatives'
 texts, rowid = photos.id. A search ranks by BM25, the caption weighing more than the alternatives.
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import CaptionerError
-from .images import display_name
+from .images import clean_text, display_name, path_from_text, path_text
 
 APPLICATION_ID = 0x63617074  # "capt": PRAGMA application_id, tells a captioner library from other databases
 SCHEMA_VERSION = 1
@@ -97,7 +98,7 @@ def _alternative_texts(alternatives: Sequence[Sequence[Any]]) -> str:
 class LibraryWriter:
     """Writes result rows (one transaction per batch) into a library; `stamps` gives each path's os.stat from
     before it was captioned (size and mtime recorded, so that --resume sees later changes). Without resume
-    the library is emptied first, as a CSV/JSONL output is overwritten."""
+    the library is emptied first (--overwrite; the CLI refuses an existing OUT without --resume or --overwrite)."""
 
     def __init__(self, path: Path, model: str, stamps: Mapping[str, os.stat_result | None],
                  alternatives: bool, resume: bool = False) -> None:
@@ -120,32 +121,34 @@ class LibraryWriter:
         `paths` that are up to date (same size and mtime as now); the rest are to be captioned (again)."""
         stored = {r[0]: r for r in self.con.execute(
             "SELECT path, size, mtime_ns, caption, score, alternatives, error FROM photos")}
-        gone = [p for p in stored if not os.path.lexists(p) and os.path.isdir(os.path.dirname(p) or ".")]
+        names = {p: path_from_text(p) for p in stored}
+        gone = [p for p, n in names.items() if not os.path.lexists(n) and os.path.isdir(os.path.dirname(n) or ".")]
         self._transaction(lambda: [self._delete(p) for p in gone])
         rows = []
         for p in map(str, paths):
-            r, st = stored.get(p), self.stamps.get(p)
+            r, st = stored.get(path_text(p)), self.stamps.get(p)
             if r and st and (r[1], r[2]) == (st.st_size, st.st_mtime_ns):
                 rows.append({"path": p, "caption": r[3], "score": r[4], "alternatives": json.loads(r[5]),
                              "error": r[6] or ""})
         return rows
 
     def _delete(self, path: str) -> None:
+        """Drops the row whose stored path (path_text) is `path`."""
         found = self.con.execute("SELECT id FROM photos WHERE path = ?", (path,)).fetchone()
         if found:
             self.con.execute("DELETE FROM captions WHERE rowid = ?", found)
             self.con.execute("DELETE FROM photos WHERE id = ?", found)
 
     def _put(self, row: Row, now: str) -> None:
-        self._delete(row["path"])
+        self._delete(path_text(row["path"]))
         st = self.stamps.get(row["path"])
         alts = [[t, round(s, 4)] for t, s in row["alternatives"]] if self.alternatives else []
         score = None if row["score"] is None else round(float(row["score"]), 4)
         cur = self.con.execute(
             "INSERT INTO photos (path, size, mtime, mtime_ns, caption, alternatives, score, model, time, error) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (row["path"], st and st.st_size, st and st.st_mtime, st and st.st_mtime_ns, row["caption"] or "",
-             json.dumps(alts, ensure_ascii=False), score, self.model, now, row["error"] or None))
+            (path_text(row["path"]), st and st.st_size, st and st.st_mtime, st and st.st_mtime_ns, row["caption"] or "",
+             json.dumps(alts, ensure_ascii=False), score, self.model, now, clean_text(row["error"] or "") or None))
         if row["caption"]:
             self.con.execute("INSERT INTO captions (rowid, caption, alternatives) VALUES (?, ?, ?)",
                              (cur.lastrowid, row["caption"], _alternative_texts(alts)))

@@ -1,0 +1,106 @@
+"""Issue 25: a new user's second round of bad inputs (outputs replaced, odd file names, damaged models,
+noisy -v, options that do not go together, search queries, huge photos, videos, zips, the app)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import picture
+
+from captioner.cli import main
+
+torch.set_num_threads(1)
+
+
+def run(*argv: object) -> int:
+    return main(["caption", *map(str, argv), "--no-progress"])
+
+
+def stored_paths(out: Path) -> list[str]:
+    if out.suffix == ".sqlite":
+        with sqlite3.connect(out) as con:
+            return sorted(r[0] for r in con.execute("SELECT path FROM photos"))
+    if out.suffix == ".jsonl":
+        return sorted(json.loads(line)["path"] for line in out.read_text(encoding="utf-8").splitlines())
+    with out.open(newline="", encoding="utf-8") as f:
+        return sorted(r["path"] for r in csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ item 1: existing outputs ------
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "sqlite"])
+def test_existing_output_is_never_replaced_silently(good_folder, tiny_model, tmp_path, capsys, fmt):
+    out = tmp_path / f"lib.{fmt}"
+    assert run(good_folder, "-o", out, "--model", tiny_model, "--workers", 0) == 0
+    before = out.read_bytes()
+    one = tmp_path / "one"
+    one.mkdir()
+    picture(1).save(one / "x.png")
+    capsys.readouterr()
+    assert run(one, "-o", out, "--model", tiny_model, "--workers", 0) == 2  # refused, nothing run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"captioner: error: {out} exists: use --resume to add to it or --overwrite to replace it"]
+    assert out.read_bytes() == before
+    assert run(one, "-o", out, "--model", tiny_model, "--resume", "--overwrite") == 2
+    assert run(one, "-o", out, "--model", tiny_model, "--workers", 0, "--overwrite") == 0
+    assert stored_paths(out) == [str(one / "x.png")]
+    out.write_bytes(b"")  # an empty file holds nothing to lose
+    assert run(one, "-o", out, "--model", tiny_model, "--workers", 0) == 0
+
+
+# ------------------------------------------------------------- item 2: names that are not UTF-8 ------
+ODD = (b"x\xff.png", b"tab\there.png", b"new\nline.png", b"back\\slash.png", "caf\u00e9.png".encode())
+
+
+@pytest.fixture()
+def odd_folder(tmp_path) -> Path:
+    d = tmp_path / "odd"
+    d.mkdir()
+    for i, name in enumerate(ODD):
+        picture(i).save(os.fsdecode(os.path.join(os.fsencode(d), name)), "PNG")
+    return d
+
+
+def ids(out: Path) -> object:
+    """What a resume that captioned nothing leaves unchanged: the file, or the library's row ids."""
+    if out.suffix != ".sqlite":
+        return out.read_bytes()
+    with sqlite3.connect(out) as con:
+        return sorted(con.execute("SELECT id, path FROM photos"))
+
+
+def odd_names(d: Path) -> list[str]:
+    return sorted(str(d / os.fsdecode(n)) for n in ODD)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "sqlite"])
+def test_names_that_are_not_utf8_round_trip_and_resume(odd_folder, tiny_model, tmp_path, capsys, fmt):
+    from captioner.images import path_from_text, path_text
+
+    out = tmp_path / f"out.{fmt}"
+    assert run(odd_folder, "-o", out, "--model", tiny_model, "--workers", 0) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "5 captioned" in err
+    if fmt != "sqlite":
+        out.read_bytes().decode("utf-8")  # strictly valid UTF-8: any reader can read it
+    stored = stored_paths(out)
+    assert sorted(path_from_text(p) for p in stored) == odd_names(odd_folder)  # lossless
+    assert sorted(stored) == sorted(path_text(p) for p in odd_names(odd_folder))
+    assert all("\n" not in p and "\t" not in p for p in stored)
+    before = ids(out)
+    assert run(odd_folder, "-o", out, "--model", tiny_model, "--workers", 0, "--resume") == 0
+    assert ids(out) == before  # every odd name was matched: nothing captioned again
+
+
+def test_names_that_are_not_utf8_on_stdout(odd_folder, tiny_model, capsys):
+    from captioner.images import path_from_text
+
+    assert run(odd_folder, "--model", tiny_model, "--workers", 0) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(ODD) and all(line.count("\t") == 1 for line in lines)
+    assert sorted(path_from_text(line.split("\t")[0]) for line in lines) == odd_names(odd_folder)
