@@ -104,3 +104,23 @@ def test_names_that_are_not_utf8_on_stdout(odd_folder, tiny_model, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(ODD) and all(line.count("\t") == 1 for line in lines)
     assert sorted(path_from_text(line.split("\t")[0]) for line in lines) == odd_names(odd_folder)
+
+
+# ------------------------------------------------------------------ item 4: damaged checkpoints ------
+def test_checkpoint_with_nan_weights_is_one_line(good_folder, tiny_model, tmp_path, capsys):
+    ckpt = torch.load(tiny_model, weights_only=True)
+    weight = next(k for k, v in ckpt["decoder"].items() if v.is_floating_point() and v.numel() > 64)
+    ckpt["decoder"][weight].view(-1)[ckpt["decoder"][weight].numel() // 2:][:32] = float("nan")  # bytes overwritten
+    bad = tmp_path / "nan.pt"
+    torch.save(ckpt, bad)
+    assert run(good_folder, "--model", bad, "--workers", 0) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged" in err[0] and weight in err[0] and "Traceback" not in err[0]
+
+
+def test_no_hypothesis_left_is_an_error_not_an_index_error(tiny_model):
+    from captioner.errors import CaptionerError
+    from captioner.model import Captioner
+
+    with pytest.raises(CaptionerError, match="damaged"):
+        Captioner.load(tiny_model)._caption([])
