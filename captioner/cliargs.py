@@ -130,8 +130,9 @@ def add_common_args(p: argparse.ArgumentParser, top: bool = False) -> None:
     default: Any = False if top else argparse.SUPPRESS  # a command's copy must not reset the top one's
     g = p.add_argument_group("output") if not top else p
     g.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors on stderr")
-    g.add_argument("-v", "--verbose", action="store_true", default=default,
-                   help="more detail on stderr (e.g. every file skipped while scanning folders)")
+    g.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                   help="more detail on stderr (e.g. every file skipped while scanning folders); -vv also the "
+                        "libraries' debug logs (Pillow, torch, ...)")
     g.add_argument("--no-progress", action="store_true", default=default, help="no progress bars on stderr")
 
 

@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from conftest import picture
 from captioner.cli import main
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*argv: object) -> int:
@@ -124,3 +127,21 @@ def test_no_hypothesis_left_is_an_error_not_an_index_error(tiny_model):
 
     with pytest.raises(CaptionerError, match="damaged"):
         Captioner.load(tiny_model)._caption([])
+
+
+# ------------------------------------------------------------------------- item 5: -v is for people ------
+def cli(*argv: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "captioner", *map(str, argv)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=240)
+
+
+def test_verbose_keeps_third_party_debug_logs_out(tiny_model, tmp_path):
+    picture(1).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    one = cli("-v", "caption", tmp_path, "--model", tiny_model, "--workers", 0, "--no-progress")
+    assert one.returncode == 0
+    assert "Importing" not in one.stderr and "PIL" not in one.stderr
+    assert one.stderr.splitlines()[0].startswith("captioner: skipped ")  # -v's own detail is still there
+    assert len(one.stderr.splitlines()) == 2
+    two = cli("-vv", "caption", tmp_path, "--model", tiny_model, "--workers", 0, "--no-progress")
+    assert two.returncode == 0 and "Importing" in two.stderr  # -vv: everything, for bug reports
