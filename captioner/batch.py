@@ -26,7 +26,7 @@ from PIL import Image
 
 from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_backend_args, add_common_args,
                       add_model_args, add_search_args, outcome, resolve_backend, search_kwargs, show_progress)
-from .errors import CaptionerError, OutputExists
+from .errors import CaptionerError, UsageProblem
 from .images import (MAX_PIXELS, clean_text, display_name, find_images, load_image, path_text, size_warning,
                      skipped_summary, to_rgb)
 
@@ -410,7 +410,7 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                         "captions (path, size, mtime, caption, alternatives, score, model, time), searched by "
                         "`captioner search`")
     p.add_argument("--topk", type=TOPK, default=None,
-                   help=f"also write the N best captions (alternatives; N <= --beam), {TOPK.describe()}")
+                   help=f"also write the N best captions (alternatives; N <= --beam, else a usage error), {TOPK.describe()}")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help=f"images per batch, {BATCH_SIZE.describe()} (default 32)")
     p.add_argument("--workers", type=WORKERS, default=min(2, os.cpu_count() or 1),
                    help=f"image-loading processes, {WORKERS.describe()} (0 = in the main process; default %(default)s)")
@@ -450,10 +450,13 @@ def check_caption_args(args: argparse.Namespace) -> None:
         raise UsageError("--resume and torchrun need -o OUT (--resume also works with --write-metadata or --sidecar)")
     if fmt == "sqlite" and world > 1:
         raise UsageError("a .sqlite library is written by one process: run without torchrun")
+    if args.topk is not None and args.beam is not None and args.topk > args.beam:
+        raise UsageError(f"--topk {args.topk} is more than --beam {args.beam}: a beam search finds at most --beam "
+                         "captions (raise --beam)")
     if args.resume and args.overwrite:
         raise UsageError("--resume keeps OUT's rows, --overwrite replaces them: use one")
     if args.output is not None and not (args.resume or args.overwrite) and _has_rows(args.output):
-        raise OutputExists(f"{display_name(args.output)} exists: use --resume to add to it or --overwrite to replace it")
+        raise UsageProblem(f"{display_name(args.output)} exists: use --resume to add to it or --overwrite to replace it")
     problem = metadata.usage_problem(args)
     if problem:
         raise UsageError(problem)
@@ -506,6 +509,9 @@ def run_caption(args: argparse.Namespace) -> int:
     local = os.environ.get("LOCAL_RANK", "0")
     cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device,
                          backend=args.backend, int8=args.int8)
+    if args.topk is not None and args.beam is None and args.topk > cap.search_cfg.beam:
+        raise UsageProblem(f"--topk {args.topk} is more than the model's beam ({cap.search_cfg.beam}): add "
+                           f"--beam {args.topk} or more")
     job = CaptionJob(**search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                      progress_bar=show_progress(args) and rank == 0)
     alternatives = cap.search_config(**search_kwargs(args), topk=args.topk).topk > 1

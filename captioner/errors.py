@@ -7,7 +7,8 @@ class CaptionerError(Exception):
     exit_code: int = 1
 
 
-class OutputExists(CaptionerError):
-    """An output that exists, named without --resume or --overwrite: a usage error (nothing was run)."""
+class UsageProblem(CaptionerError):
+    """A usage error found once files or the model are looked at (an existing output without --resume or
+    --overwrite, --topk above the model's beam): one line, exit 2, nothing written."""
 
     exit_code = 2

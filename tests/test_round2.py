@@ -145,3 +145,17 @@ def test_verbose_keeps_third_party_debug_logs_out(tiny_model, tmp_path):
     assert len(one.stderr.splitlines()) == 2
     two = cli("-vv", "caption", tmp_path, "--model", tiny_model, "--workers", 0, "--no-progress")
     assert two.returncode == 0 and "Importing" in two.stderr  # -vv: everything, for bug reports
+
+
+# ---------------------------------------------------------- item 6: options that do not go together ------
+def test_topk_above_beam_and_sidecar_with_write_metadata_are_usage_errors(good_folder, tiny_model, tmp_path, capsys):
+    missing = tmp_path / "no-model.pt"  # checked before anything loads: the model is never looked at
+    assert run(good_folder, "--topk", 5, "--beam", 3, "--model", missing) == 2
+    assert "--topk 5 is more than --beam 3" in capsys.readouterr().err
+    assert run(good_folder, "--sidecar", "--write-metadata", "--model", missing) == 2
+    assert "use one" in capsys.readouterr().err
+    assert run(good_folder, "--topk", 5, "--model", tiny_model, "--workers", 0) == 2  # the tiny model's beam: 3
+    err = capsys.readouterr()
+    assert err.err.strip() == "captioner: error: --topk 5 is more than the model's beam (3): add --beam 5 or more"
+    assert err.out == ""
+    assert run(good_folder, "--topk", 3, "--model", tiny_model, "--workers", 0) == 0
