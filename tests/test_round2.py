@@ -159,3 +159,52 @@ def test_topk_above_beam_and_sidecar_with_write_metadata_are_usage_errors(good_f
     assert err.err.strip() == "captioner: error: --topk 5 is more than the model's beam (3): add --beam 5 or more"
     assert err.out == ""
     assert run(good_folder, "--topk", 3, "--model", tiny_model, "--workers", 0) == 0
+
+
+# ---------------------------------------------------------------- item 7: search queries and ranking ------
+@pytest.fixture()
+def dog_library(tmp_path) -> Path:
+    from captioner.library import LibraryWriter
+
+    captions = {"hotdog.jpg": "a hot dog on a plate", "eating.jpg": "a man eating a hot dog",
+                "grass.jpg": "a black and white dog running through the grass with a ball in its mouth",
+                "brown.jpg": "a brown dog", "teddy.jpg": "a teddy bear on a bed", "bear.jpg": "a brown bear in the water",
+                "beach.jpg": "a dog on the beach", "beach2.jpg": "a man on the beach with a dog"}
+    rows = [{"path": str(tmp_path / name), "caption": c, "score": -1.0, "alternatives": [], "error": ""}
+            for name, c in captions.items()]
+    writer = LibraryWriter(tmp_path / "lib.sqlite", "m", {}, alternatives=False)
+    writer(rows)
+    writer.close()
+    return tmp_path / "lib.sqlite"
+
+
+def test_search_ranks_whole_words_above_compounds_and_phrases_first(dog_library):
+    from captioner.library import search
+
+    def names(query: str) -> list[str]:
+        return [Path(r["path"]).name for r in search(dog_library, query)]
+
+    found = names("dog")
+    assert set(found[:4]) == {"grass.jpg", "brown.jpg", "beach.jpg", "beach2.jpg"}  # dogs before hot dogs
+    assert set(found[4:]) == {"hotdog.jpg", "eating.jpg"}
+    assert set(names("hot dog")[:2]) == {"hotdog.jpg", "eating.jpg"}  # named in the query: no penalty
+    assert names("bear")[0] == "bear.jpg"
+    assert names("dog on the beach")[0] == "beach.jpg"  # the phrase itself first
+
+
+def test_search_query_may_start_with_a_dash(dog_library, capsys):
+    assert main(["search", str(dog_library), "-dog"]) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert len(first) == 6 and "hot dog" not in first[0]
+    assert main(["search", str(dog_library), "-dog", "--limit", "2", "--json"]) == 0  # options after it still count
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert main(["search", str(dog_library), "--", "-view"]) == 0  # a -- is accepted too
+    assert "matches '-view'" in capsys.readouterr().err
+    assert main(["search", str(dog_library)]) == 2
+
+
+def test_video_tags_keep_compound_nouns_whole():
+    from captioner.tags import caption_tags
+
+    tags = [t.tag for t in caption_tags(["a man talking on a cell phone", "a man holding a cell phone"])]
+    assert tags == ["man", "cell phone"]
