@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
-from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_backend_args, add_common_args,
+from .cliargs import (BATCH_SIZE, MEGAPIXELS, EXIT_EPILOG, TOPK, WORKERS, UsageError, add_backend_args, add_common_args,
                       add_model_args, add_search_args, outcome, resolve_backend, search_kwargs, show_progress)
 from .errors import CaptionerError, UsageProblem
 from .images import (MAX_PIXELS, clean_text, display_name, find_images, load_image, path_text, size_warning,
@@ -49,6 +49,7 @@ class CaptionJob:
     batch_size: int = 32
     workers: int = 0  # DataLoader processes that load + transform images (0: in this process)
     progress_bar: bool = False  # tqdm bar (images/s) on stderr
+    max_pixels: int = MAX_PIXELS  # larger images are refused (JPEGs: decoded at reduced scale), images.load_image
 
 
 
@@ -98,7 +99,7 @@ def use_worker_jpeg_decoder() -> None:
     _DECODERS[os.getpid()] = _make_jpeg_decoder()
 
 
-def _load(path: Path, min_side: int) -> Image.Image | torch.Tensor:
+def _load(path: Path, min_side: int, max_pixels: int = MAX_PIXELS) -> Image.Image | torch.Tensor:
     """What the per-image transform gets: load_image's RGB picture, or for a JPEG the same pixels faster.
     With a resize target (min_side > 0), a JPEG that PIL's header shows within the pixel limit is decoded
       - if its short side is at least 4x the target: by PIL at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
@@ -114,11 +115,12 @@ def _load(path: Path, min_side: int) -> Image.Image | torch.Tensor:
             if stat.S_ISREG(os.stat(path).st_mode):
                 with open(path, "rb") as f, Image.open(f, formats=("JPEG",)) as im:
                     w, h = im.size
-                    if w * h <= MAX_PIXELS:
-                        if min(w, h) >= 4 * min_side:
-                            im.draft("RGB", (2 * min_side, 2 * min_side))
+                    if min(w, h) >= 4 * min_side:
+                        im.draft("RGB", (2 * min_side, 2 * min_side))
+                        if im.size[0] * im.size[1] <= max_pixels:
                             im.load()
                             return to_rgb(im)
+                    elif w * h <= max_pixels:
                         decode = _jpeg_decoder()
                         if decode is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
                             import torch
@@ -127,7 +129,7 @@ def _load(path: Path, min_side: int) -> Image.Image | torch.Tensor:
                             return decode(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8))
         except Exception:  # noqa: BLE001 - not a (good) JPEG: load_image says why
             pass
-    return load_image(path)
+    return load_image(path, max_pixels)
 
 
 def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, int]:
@@ -152,9 +154,10 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
     {index: warning} for images captioned with a warning, e.g. too small)."""
 
     def __init__(self, paths: Sequence[Path], batch_size: int, transform: Callable, per_batch: Callable | None,
-                 min_side: int = 0, finish: Callable[[torch.Tensor], Any] | None = None) -> None:
+                 min_side: int = 0, finish: Callable[[torch.Tensor], Any] | None = None,
+                 max_pixels: int = MAX_PIXELS) -> None:
         self.paths, self.batch_size, self.transform, self.per_batch = paths, batch_size, transform, per_batch
-        self.min_side, self.finish = min_side, finish
+        self.min_side, self.finish, self.max_pixels = min_side, finish, max_pixels
 
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch_size)
@@ -162,7 +165,7 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
     def _one(self, i: int) -> tuple[torch.Tensor | None, str, str]:
         """(preprocessed image or None, error, warning)."""
         try:
-            image = _load(self.paths[i], self.min_side)
+            image = _load(self.paths[i], self.min_side, self.max_pixels)
             return self.transform(image), "", size_warning(image)
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
@@ -208,7 +211,7 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     if in_workers and len(paths) > job.batch_size:
         cap.warm_up(threads=1)  # once, here, at the workers' one thread: they inherit oneDNN's kernels for it
     files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side,
-                   partial(cap.caption_tensors, cfg=cfg) if in_workers else None)  # picklable for spawn too
+                   partial(cap.caption_tensors, cfg=cfg) if in_workers else None, job.max_pixels)  # picklable for spawn too
     loader = DataLoader(files, batch_size=None, num_workers=job.workers)
     results: list[Row] = []
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
@@ -418,6 +421,10 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep the rows already in OUT, caption only the missing images (a .sqlite library also "
                         "re-captions changed photos and drops deleted ones); without -o, with --write-metadata or "
                         "--sidecar: skip the images that already carry captioner's description")
+    p.add_argument("--max-pixels", type=MEGAPIXELS, default=MAX_PIXELS / 2**20, metavar="MP",
+                   help=f"largest image in megapixels (2**20 pixels), {MEGAPIXELS.describe()} (default "
+                        f"{MAX_PIXELS // 2**20}). A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale to fit; other "
+                        "formats are refused unread (decompression bomb protection)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (without --resume or --overwrite an existing OUT is refused, exit 2)")
     add_metadata_args(p)
@@ -513,6 +520,7 @@ def run_caption(args: argparse.Namespace) -> int:
         raise UsageProblem(f"--topk {args.topk} is more than the model's beam ({cap.search_cfg.beam}): add "
                            f"--beam {args.topk} or more")
     job = CaptionJob(**search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                     max_pixels=int(args.max_pixels * 2**20),
                      progress_bar=show_progress(args) and rank == 0)
     alternatives = cap.search_config(**search_kwargs(args), topk=args.topk).topk > 1
     stamps = metadata.stamps(paths[rank::world]) if tagging or fmt == "sqlite" else {}

@@ -88,6 +88,7 @@ LENGTH_PENALTY = Range(float, 0, 5)
 NO_REPEAT_NGRAM = Range(int, 0, 10)
 BATCH_SIZE = Range(int, 1, 4096)
 WORKERS = Range(int, 0, 64)
+MEGAPIXELS = Range(float, 1, 4096)  # caption --max-pixels
 EVERY = Range(float, 0, 3600)  # seconds; 0 only together with --scenes (checked by the video command)
 SCENE_THRESHOLD = Range(float, 0, 1, lo_open=True)
 DEFAULT_SCENE_THRESHOLD = 0.15  # picked on a labelled set of cuts, fades and pans: bench/scenes.py, docs/video.md

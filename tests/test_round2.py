@@ -208,3 +208,22 @@ def test_video_tags_keep_compound_nouns_whole():
 
     tags = [t.tag for t in caption_tags(["a man talking on a cell phone", "a man holding a cell phone"])]
     assert tags == ["man", "cell phone"]
+
+
+# ------------------------------------------------------------------------ item 8: huge photos ------
+def test_big_jpeg_is_decoded_smaller_and_big_png_refused_unless_raised(tiny_model, tmp_path, capsys):
+    from captioner.images import load_image
+
+    d = tmp_path / "big"
+    d.mkdir()
+    picture(3, (1600, 1000)).save(d / "big.jpg", quality=80)  # 1.53 megapixels
+    picture(4, (1600, 1000)).save(d / "big.png", compress_level=1)
+    img = load_image(d / "big.jpg", max_pixels=2**20)
+    assert img.size == (800, 500)  # 1/2 scale: within the limit
+    assert run(d, "--max-pixels", 1, "--model", tiny_model, "--workers", 0) == 3
+    out = capsys.readouterr()
+    assert out.out.startswith(f"{d / 'big.jpg'}\t")
+    assert "big.png: image too large (1600x1000 pixels, 2 megapixels; limit 1, refused unread" in out.err
+    assert "--max-pixels raises the limit" in out.err and "Traceback" not in out.err
+    assert run(d, "--max-pixels", 2, "--model", tiny_model, "--workers", 0) == 0
+    assert run(d, "--max-pixels", 0.5, "--model", tiny_model) == 2
