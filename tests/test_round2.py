@@ -227,3 +227,12 @@ def test_big_jpeg_is_decoded_smaller_and_big_png_refused_unless_raised(tiny_mode
     assert "--max-pixels raises the limit" in out.err and "Traceback" not in out.err
     assert run(d, "--max-pixels", 2, "--model", tiny_model, "--workers", 0) == 0
     assert run(d, "--max-pixels", 0.5, "--model", tiny_model) == 2
+
+
+# ------------------------------------------------------------------------------- item 9: video ------
+def test_a_bad_video_fails_before_the_model_loads(tmp_path, capsys):
+    bad = tmp_path / "clip.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(2000))
+    assert main(["video", str(bad), "--model", str(tmp_path / "missing.pt"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "clip.mp4" in err[0] and "model" not in err[0]  # the model was never looked at
