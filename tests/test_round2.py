@@ -236,3 +236,26 @@ def test_a_bad_video_fails_before_the_model_loads(tmp_path, capsys):
     assert main(["video", str(bad), "--model", str(tmp_path / "missing.pt"), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "clip.mp4" in err[0] and "model" not in err[0]  # the model was never looked at
+
+
+# ------------------------------------------------------------------------------- item 10: the app ------
+def test_app_warns_about_tiny_images_and_counts_failures(tiny_model, tmp_path, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    from captioner import ui
+    from captioner.model import Captioner
+
+    toasts: list[str] = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: toasts.append(message))
+    cap = Captioner.load(tiny_model)
+    from PIL import Image
+
+    Image.new("RGB", (10, 10), "white").save(tmp_path / "tiny.png")
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    picture(1).save(tmp_path / "ok.png")
+    text = ui.caption_image_fn(cap)(str(tmp_path / "tiny.png"), 3, 20, 3)[0]
+    assert text and toasts == ["Only 10x10 pixels (under 32 on a side): the caption is unreliable."]
+    toasts.clear()
+    rows = ui.caption_batch_fn(cap, ui.WorkDir())([str(tmp_path / n) for n in ("tiny.png", "bad.png", "ok.png")], 3,
+                                                  progress=lambda *a, **k: None)[1]
+    assert len(rows) == 3
+    assert toasts == ["1 of 3 files failed (see the error column); 1 images under 32 px: their captions are unreliable"]
