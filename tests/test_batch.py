@@ -181,7 +181,7 @@ def cli(*args: object) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # the killed run: the real CLI, with image loading slowed down so that the kill lands mid-run
 SLOW = ("import sys, time, captioner.batch as b; load = b.load_image; "
-        "b.load_image = lambda p: (time.sleep(0.03), load(p))[1]; from captioner.cli import main; sys.exit(main())")
+        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli import main; sys.exit(main())")
 
 
 @pytest.fixture(scope="module")
