@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image
 
-from .cliargs import (BATCH_SIZE, EXIT_EPILOG, TOPK, WORKER_SECONDS, WORKERS, UsageError, add_backend_args, add_common_args,
-                      add_model_args, add_search_args, outcome, resolve_backend, search_kwargs, show_progress)
-from .errors import CaptionerError
-from .images import MAX_PIXELS, display_name, find_images, load_image, size_warning, skipped_summary, to_rgb
+from .cliargs import (BATCH_SIZE, EXIT_EPILOG, MEGAPIXELS, TOPK, WORKER_SECONDS, WORKERS, UsageError,
+                      add_backend_args, add_common_args, add_model_args, add_search_args, outcome, resolve_backend,
+                      search_kwargs, show_progress)
+from .errors import CaptionerError, UsageProblem
+from .images import (MAX_PIXELS, clean_text, display_name, find_images, load_image, path_text, size_warning,
+                     skipped_summary, to_rgb)
 from .workers import WORKER_TIMEOUT, loader_errors
 from .workers import context as worker_context
 from .workers import start as start_workers
@@ -52,6 +54,7 @@ class CaptionJob:
     workers: int = 0  # processes that load and caption batches (0: in this process; workers.py)
     worker_timeout: float = WORKER_TIMEOUT  # seconds without a batch from the workers before it stops
     progress_bar: bool = False  # tqdm bar (images/s) on stderr
+    max_pixels: int = MAX_PIXELS  # larger images are refused (JPEGs: decoded at reduced scale), images.load_image
 
 
 
@@ -101,7 +104,7 @@ def use_worker_jpeg_decoder() -> None:
     _DECODERS[os.getpid()] = _make_jpeg_decoder()
 
 
-def _load(path: Path, min_side: int) -> Image.Image | torch.Tensor:
+def _load(path: Path, min_side: int, max_pixels: int = MAX_PIXELS) -> Image.Image | torch.Tensor:
     """What the per-image transform gets: load_image's RGB picture, or for a JPEG the same pixels faster.
     With a resize target (min_side > 0), a JPEG that PIL's header shows within the pixel limit is decoded
       - if its short side is at least 4x the target: by PIL at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
@@ -117,11 +120,12 @@ def _load(path: Path, min_side: int) -> Image.Image | torch.Tensor:
             if stat.S_ISREG(os.stat(path).st_mode):
                 with open(path, "rb") as f, Image.open(f, formats=("JPEG",)) as im:
                     w, h = im.size
-                    if w * h <= MAX_PIXELS:
-                        if min(w, h) >= 4 * min_side:
-                            im.draft("RGB", (2 * min_side, 2 * min_side))
+                    if min(w, h) >= 4 * min_side:
+                        im.draft("RGB", (2 * min_side, 2 * min_side))
+                        if im.size[0] * im.size[1] <= max_pixels:
                             im.load()
                             return to_rgb(im)
+                    elif w * h <= max_pixels:
                         decode = _jpeg_decoder()
                         if decode is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):
                             import torch
@@ -130,7 +134,7 @@ def _load(path: Path, min_side: int) -> Image.Image | torch.Tensor:
                             return decode(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8))
         except Exception:  # noqa: BLE001 - not a (good) JPEG: load_image says why
             pass
-    return load_image(path)
+    return load_image(path, max_pixels)
 
 
 def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, int]:
@@ -155,9 +159,10 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
     {index: warning} for images captioned with a warning, e.g. too small)."""
 
     def __init__(self, paths: Sequence[Path], batch_size: int, transform: Callable, per_batch: Callable | None,
-                 min_side: int = 0, finish: Callable[[torch.Tensor], Any] | None = None) -> None:
+                 min_side: int = 0, finish: Callable[[torch.Tensor], Any] | None = None,
+                 max_pixels: int = MAX_PIXELS) -> None:
         self.paths, self.batch_size, self.transform, self.per_batch = paths, batch_size, transform, per_batch
-        self.min_side, self.finish = min_side, finish
+        self.min_side, self.finish, self.max_pixels = min_side, finish, max_pixels
 
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch_size)
@@ -165,7 +170,7 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
     def _one(self, i: int) -> tuple[torch.Tensor | None, str, str]:
         """(preprocessed image or None, error, warning)."""
         try:
-            image = _load(self.paths[i], self.min_side)
+            image = _load(self.paths[i], self.min_side, self.max_pixels)
             return self.transform(image), "", size_warning(image)
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
@@ -210,7 +215,7 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     batches = -(-len(paths) // max(1, job.batch_size))
     workers = min(job.workers, batches) if cap.device.type == "cpu" and batches > 1 else 0  # one batch: here
     files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side,
-                   partial(cap.caption_tensors, cfg=cfg) if workers else None)
+                   partial(cap.caption_tensors, cfg=cfg) if workers else None, job.max_pixels)
     loader = DataLoader(files, batch_size=None, num_workers=workers, multiprocessing_context=worker_context()
                         if workers else None, timeout=job.worker_timeout if workers else 0)
     results: list[Row] = []
@@ -238,11 +243,13 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
 
 # ----------------------------------------------------------------------------- files ------
 def _record(row: Row, alternatives: bool) -> Row:
-    """A result dict as written: scores rounded, alternatives only when asked for (topk > 1)."""
+    """A result dict as written: path as path_text (valid UTF-8, one line, lossless), scores rounded, alternatives
+    only when asked for (topk > 1)."""
     score = row["score"]
-    return {"path": row["path"], "caption": row["caption"], "score": None if score is None else round(score, 4),
+    return {"path": path_text(row["path"]), "caption": row["caption"],
+            "score": None if score is None else round(score, 4),
             "alternatives": [[t, round(s, 4)] for t, s in row["alternatives"]] if alternatives else [],
-            "error": row["error"] or None, "warning": row.get("warning") or None}
+            "error": clean_text(row["error"]) or None, "warning": clean_text(row.get("warning") or "") or None}
 
 
 def _dump(records: Sequence[Row], fmt: str, header: bool = False) -> str:
@@ -370,7 +377,7 @@ def _parts(out: Path) -> list[Path]:
 
 def merge_parts(out: Path, fmt: str, parts: list[Path], order: Sequence[Path], keep_existing: bool) -> list[Row]:
     """Rank 0 under torchrun: the parts (and out's own rows if keep_existing) into out, in `order`, atomically."""
-    position = {str(p): i for i, p in enumerate(order)}
+    position = {path_text(p): i for i, p in enumerate(order)}
     records: dict[str, Row] = {}
     for f in ([out] if keep_existing else []) + parts:
         for r in read_rows(f, fmt):
@@ -397,9 +404,10 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "caption", help="caption image files, folders and glob patterns in batches",
         description="Caption images (sorted by path) in batches. Default output: PATH<TAB>caption lines on stdout. "
-                    "With -o, rows (path, caption, score, alternatives, error) are appended and synced after every "
-                    "batch, so a killed run loses nothing: rerun it with the same PATHs and --resume (rows are "
-                    "matched by path). Unreadable files are reported on stderr and written with `error` set. "
+                    "With -o, rows (path, caption, score, alternatives, error, warning) are written and synced after "
+                    "every batch, so a killed run loses nothing: rerun it with the same PATHs and --resume (rows are "
+                    "matched by path). An existing OUT is never replaced silently: --resume adds the missing rows to "
+                    "it, --overwrite replaces it; without either the run is refused (exit 2). Unreadable files are reported on stderr and written with `error` set. "
                     "With --write-metadata or --sidecar, a file whose metadata could not be written counts as failed.",
         epilog=EXIT_EPILOG + " Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
                "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
@@ -412,7 +420,7 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                         "captions (path, size, mtime, caption, alternatives, score, model, time), searched by "
                         "`captioner search`")
     p.add_argument("--topk", type=TOPK, default=None,
-                   help=f"also write the N best captions (alternatives; N <= --beam), {TOPK.describe()}")
+                   help=f"also write the N best captions (alternatives; N <= --beam, else a usage error), {TOPK.describe()}")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help=f"images per batch, {BATCH_SIZE.describe()} (default 32)")
     p.add_argument("--workers", type=WORKERS, default=min(2, os.cpu_count() or 1),
                    help=f"processes that load and caption batches, {WORKERS.describe()} (0 = in the main process; "
@@ -424,6 +432,12 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep the rows already in OUT, caption only the missing images (a .sqlite library also "
                         "re-captions changed photos and drops deleted ones); without -o, with --write-metadata or "
                         "--sidecar: skip the images that already carry captioner's description")
+    p.add_argument("--max-pixels", type=MEGAPIXELS, default=MAX_PIXELS / 2**20, metavar="MP",
+                   help=f"largest image in megapixels (2**20 pixels), {MEGAPIXELS.describe()} (default "
+                        f"{MAX_PIXELS // 2**20}). A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale to fit; other "
+                        "formats are refused unread (decompression bomb protection)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (without --resume or --overwrite an existing OUT is refused, exit 2)")
     add_metadata_args(p)
     add_model_args(p)
     add_backend_args(p, compile_alias=True)
@@ -454,9 +468,24 @@ def check_caption_args(args: argparse.Namespace) -> None:
         raise UsageError("--resume and torchrun need -o OUT (--resume also works with --write-metadata or --sidecar)")
     if fmt == "sqlite" and world > 1:
         raise UsageError("a .sqlite library is written by one process: run without torchrun")
+    if args.topk is not None and args.beam is not None and args.topk > args.beam:
+        raise UsageError(f"--topk {args.topk} is more than --beam {args.beam}: a beam search finds at most --beam "
+                         "captions (raise --beam)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume keeps OUT's rows, --overwrite replaces them: use one")
+    if args.output is not None and not (args.resume or args.overwrite) and _has_rows(args.output):
+        raise UsageProblem(f"{display_name(args.output)} exists: use --resume to add to it or --overwrite to replace it")
     problem = metadata.usage_problem(args)
     if problem:
         raise UsageError(problem)
+
+
+def _has_rows(out: Path) -> bool:
+    """OUT is a file with something in it (an empty file, e.g. from mktemp, holds nothing to lose)."""
+    try:
+        return out.is_file() and out.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _world() -> tuple[int, int]:
@@ -472,8 +501,8 @@ def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
             tqdm.write(f"captioner: {display_name(r['path'])}: {r['error']}", file=sys.stderr)
         elif r.get("warning"):
             tqdm.write(f"captioner: {display_name(r['path'])}: warning: {r['warning']}", file=sys.stderr)
-        if stdout and not r["error"]:
-            print(f"{display_name(r['path'])}\t{r['caption']}", flush=True)
+        if stdout and not r["error"]:  # the path as path_text: tab, newline and odd bytes escaped
+            print(f"{path_text(r['path'])}\t{r['caption']}", flush=True)
             for n, (text, score) in enumerate(r["alternatives"][1:] if alternatives else [], 2):
                 print(f"\t{n}. {text} ({score:.3f})", flush=True)
 
@@ -500,8 +529,12 @@ def run_caption(args: argparse.Namespace) -> int:
     local = os.environ.get("LOCAL_RANK", "0")
     cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device,
                          backend=args.backend, int8=args.int8)
+    if args.topk is not None and args.beam is None and args.topk > cap.search_cfg.beam:
+        raise UsageProblem(f"--topk {args.topk} is more than the model's beam ({cap.search_cfg.beam}): add "
+                           f"--beam {args.topk} or more")
     job = CaptionJob(**search_kwargs(args), topk=args.topk, batch_size=args.batch_size, workers=args.workers,
-                     worker_timeout=args.worker_timeout, progress_bar=show_progress(args) and rank == 0)
+                     worker_timeout=args.worker_timeout, max_pixels=int(args.max_pixels * 2**20),
+                     progress_bar=show_progress(args) and rank == 0)
     alternatives = cap.search_config(**search_kwargs(args), topk=args.topk).topk > 1
     stamps = metadata.stamps(paths[rank::world]) if tagging or fmt == "sqlite" else {}
     with contextlib.ExitStack() as stack:
@@ -527,9 +560,9 @@ def run_caption(args: argparse.Namespace) -> int:
             for f in ([out] + (_parts(out) if world > 1 else [])) if args.resume else []:
                 old += read_rows(f, fmt, fix=f == part)
             writer = FileWriter(part, fmt, append=args.resume, alternatives=alternatives)
-        done = {r["path"] for r in old}
+        done = {r["path"] for r in old}  # path_text; a raw name in a file from before path_text still counts
         stack.callback(writer.close)
-        results = caption_files(cap, [p for p in paths[rank::world] if str(p) not in done], job,
+        results = caption_files(cap, [p for p in paths[rank::world] if path_text(p) not in done and str(p) not in done], job,
                                 lambda rows: (tag(rows), _echo(rows, False, alternatives), writer(rows)))
     rows: list[Row] = old + results
     if world > 1:

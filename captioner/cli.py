@@ -231,8 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_level(args: argparse.Namespace) -> int:
-    return logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+def _setup_logging(args: argparse.Namespace) -> None:
+    """-q: warnings and errors; default: captioner's notes; -v: captioner's debug lines too; -vv: every library's
+    debug log as well (Pillow's plugin imports etc. are no business of -v)."""
+    verbose = args.verbose or 0
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.DEBUG if verbose >= 2 else logging.INFO,
+                        format="%(message)s")
+    if verbose == 1 and not args.quiet:
+        log.setLevel(logging.DEBUG)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             check(args)  # options that do not go together: UsageError
     except UsageError as exc:
         return usage_error(exc.parser or getattr(args, "parser", parser), str(exc))
-    logging.basicConfig(level=_log_level(args), format="%(message)s")
+    except CaptionerError as exc:  # e.g. an existing output without --resume/--overwrite: exit 2, one line
+        print(f"captioner: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    _setup_logging(args)
     try:
         with progress_disabled(args.no_progress):
             return int(args.func(args) or 0)

@@ -89,6 +89,7 @@ NO_REPEAT_NGRAM = Range(int, 0, 10)
 BATCH_SIZE = Range(int, 1, 4096)
 WORKERS = Range(int, 0, 64)
 WORKER_SECONDS = Range(float, 0, 86400, lo_open=True)
+MEGAPIXELS = Range(float, 1, 4096)  # caption --max-pixels
 EVERY = Range(float, 0, 3600)  # seconds; 0 only together with --scenes (checked by the video command)
 SCENE_THRESHOLD = Range(float, 0, 1, lo_open=True)
 DEFAULT_SCENE_THRESHOLD = 0.15  # picked on a labelled set of cuts, fades and pans: bench/scenes.py, docs/video.md
@@ -131,8 +132,9 @@ def add_common_args(p: argparse.ArgumentParser, top: bool = False) -> None:
     default: Any = False if top else argparse.SUPPRESS  # a command's copy must not reset the top one's
     g = p.add_argument_group("output") if not top else p
     g.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors on stderr")
-    g.add_argument("-v", "--verbose", action="store_true", default=default,
-                   help="more detail on stderr (e.g. every file skipped while scanning folders)")
+    g.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                   help="more detail on stderr (e.g. every file skipped while scanning folders); -vv also the "
+                        "libraries' debug logs (Pillow, torch, ...)")
     g.add_argument("--no-progress", action="store_true", default=default, help="no progress bars on stderr")
 
 

@@ -8,6 +8,7 @@ import io
 import os
 import re
 import stat
+import threading
 import zipfile
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
@@ -25,7 +26,8 @@ PathLike = str | os.PathLike[str]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # PIL decoders we accept (JPEG covers MPO)
 MIN_SIDE = 32  # pixels: a smaller image is captioned, with a warning (the encoder sees mostly upsampling)
-MAX_PIXELS = 64 * 2**20  # 8192 x 8192; larger headers are refused before any pixel is allocated
+MAX_PIXELS = 64 * 2**20  # 8192 x 8192; larger headers are refused before any pixel is allocated (a larger JPEG
+_BOMB_LOCK = threading.Lock()  # is decoded at reduced scale instead; --max-pixels changes the limit)
 _SNIFF = ((0, b"8BPS", "Photoshop PSD"), (4, b"ftyp", "HEIC/AVIF"), (0, b"%PDF", "PDF"), (0, b"PK\x03\x04", "zip archive"))
 
 
@@ -37,6 +39,38 @@ def display_name(path: object) -> str:
     """A printable one-line name, whatever bytes the file system gave us (surrogate escapes -> U+FFFD)."""
     text = os.fsencode(path).decode("utf-8", "replace") if isinstance(path, (str, bytes, os.PathLike)) else str(path)
     return " ".join(text.splitlines()) or "<unnamed>"
+
+
+_ESCAPE = re.compile(r"[\\\x00-\x1f\x7f\udc80-\udcff]")
+_UNESCAPE = re.compile(r"\\(\\|x[0-9a-fA-F]{2})")
+
+
+def path_text(path: object) -> str:
+    """A file name as one line of valid UTF-8, losslessly (the `path` written to CSV, JSONL, SQLite and stdout):
+    a backslash becomes `\\\\`, a byte that is not UTF-8 or is a control character (tab, newline, ...)
+    `\\xNN`; any other name is unchanged. path_from_text undoes it (also Python's codecs.escape_decode)."""
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        return "\\\\" if c == "\\" else f"\\x{ord(c) & 0xFF:02x}"
+    return _ESCAPE.sub(escape, text)
+
+
+def path_from_text(text: str) -> str:
+    """The file name (a str as os.fsdecode gives it) that path_text wrote as `text`."""
+    raw, pos = bytearray(), 0
+    for m in _UNESCAPE.finditer(text):
+        raw += text[pos:m.start()].encode("utf-8", "surrogateescape")
+        raw += b"\\" if m.group(1) == "\\" else bytes([int(m.group(1)[1:], 16)])
+        pos = m.end()
+    raw += text[pos:].encode("utf-8", "surrogateescape")
+    return os.fsdecode(bytes(raw))
+
+
+def clean_text(text: str) -> str:
+    """Text that may hold surrogate escapes (a message quoting a file name) as valid UTF-8 (U+FFFD)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -83,7 +117,12 @@ def _decode(fp: IO[bytes], name: str, max_pixels: int) -> Image.Image:
     fp.seek(0)
     Image.init()  # registers every PIL plugin (a no-op after the first call); open() needs it for formats=
     try:
-        img = Image.open(fp, formats=FORMATS)
+        with _BOMB_LOCK:  # PIL's own limit (~179 MP) would refuse before --max-pixels and JPEG scaling apply;
+            bomb, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours is checked on the header below
+            try:
+                img = Image.open(fp, formats=FORMATS)
+            finally:
+                Image.MAX_IMAGE_PIXELS = bomb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: image too large (more than {max_pixels // 2**20} megapixels)") from None
     except Exception:
@@ -92,8 +131,15 @@ def _decode(fp: IO[bytes], name: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"{name}: {what}; supported: {', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}") from None
     with img:
         w, h = img.size
-        if w * h > max_pixels:
-            raise ImageError(f"{name}: image too large ({w}x{h} pixels, limit {max_pixels // 2**20} megapixels)")
+        if w * h > max_pixels and img.format == "JPEG":  # decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling)
+            scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= max_pixels), None)
+            if scale:
+                img.draft(img.mode, (-(-w // scale), -(-h // scale)))
+        if img.size[0] * img.size[1] > max_pixels:
+            how = ("even at 1/8 scale" if img.format == "JPEG" else
+                   "refused unread: it could be a decompression bomb")
+            raise ImageError(f"{name}: image too large ({w}x{h} pixels, {w * h / 2**20:.0f} megapixels; limit "
+                             f"{max_pixels / 2**20:g}, {how}; --max-pixels raises the limit)")
         if w < 1 or h < 1:
             raise ImageError(f"{name}: image has zero size ({w}x{h})")
         try:

@@ -372,6 +372,8 @@ def metadata_options(args: argparse.Namespace) -> MetadataOptions | None:
 
 def usage_problem(args: argparse.Namespace) -> str | None:
     wanted = args.write_metadata or args.sidecar
+    if args.write_metadata and args.sidecar:
+        return "--write-metadata writes into the images, --sidecar beside them (images untouched): use one"
     if (args.overwrite_metadata or args.dry_run) and not wanted:
         return "--overwrite-metadata and --dry-run go with --write-metadata or --sidecar"
     if args.dry_run and args.output is not None:

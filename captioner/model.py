@@ -153,6 +153,14 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     return ckpt
 
 
+def check_finite(state: dict[str, Any], part: str) -> None:
+    """Weights overwritten in the middle of the file (NaN, inf) load fine but caption nothing: refuse them."""
+    for name, t in state.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CaptionerError(f"checkpoint is damaged: {part} weight {name} holds NaN or infinite values "
+                                 "(the file was overwritten or corrupted; use another copy)")
+
+
 def build_decoder(ckpt: dict[str, Any]) -> tuple[Decoder, Vocab]:
     vocab = Vocab.from_dict({"itos": ckpt["vocab"]})
     known = {f.name for f in fields(DecoderConfig)}
@@ -161,6 +169,7 @@ def build_decoder(ckpt: dict[str, Any]) -> tuple[Decoder, Vocab]:
         raise CaptionerError(f"checkpoint is inconsistent: vocabulary has {len(vocab)} words, the decoder expects {cfg.vocab_size}")
     decoder = Decoder(cfg)
     state = {k: v.float() for k, v in ckpt["decoder"].items()}
+    check_finite(state, "decoder")
     try:
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # "Error(s) in loading state_dict ...:" then one line per problem
@@ -236,6 +245,7 @@ class Captioner:
             bad = set(ckpt["encoder"]) - set(encoder.net.state_dict())
             if bad:
                 raise CaptionerError(f"{path}: encoder weights do not fit {enc['name']}: {sorted(bad)[:3]}")
+            check_finite(ckpt["encoder"], "encoder")
             encoder.net.load_state_dict({k: v.float() for k, v in ckpt["encoder"].items()}, strict=False)
         if encoder.dim != decoder.cfg.feat_dim:
             raise CaptionerError(f"{path}: encoder {enc['name']} gives {encoder.dim}-d features, decoder expects {decoder.cfg.feat_dim}")
@@ -347,6 +357,8 @@ class Captioner:
         return self.caption_tensors(self.preprocess(images), self.search_config(**search_overrides))
 
     def _caption(self, hyps: list[Hypothesis]) -> Caption:
+        if not hyps:  # every hypothesis scored NaN/-inf: finite but broken weights (check_finite passed)
+            raise CaptionerError("the model produced no caption: its weights are damaged (use another copy)")
         best = hyps[0]
         words = [self.vocab.itos[t] for t in best.tokens]
         grid = int(round(best.attention.shape[1] ** 0.5)) if best.attention.numel() else self.encoder.config.grid

@@ -54,11 +54,39 @@ def _word_lists() -> tuple[frozenset[str], frozenset[str]]:
     section = None
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
-        if line in lists:
-            section = line
+        if line.startswith("["):  # [compounds] sections: compounds()
+            section = line if line in lists else None
         elif line and section:
             lists[section].update(line.lower().split())
     return frozenset(lists["[nouns]"]), frozenset(lists["[not nouns]"])
+
+
+@lru_cache(maxsize=1)
+def compounds() -> tuple[tuple[tuple[str, ...], ...], frozenset[tuple[str, ...]]]:
+    """(nouns of several words, longest first; those that are not a kind of their last word: hot dog, teddy bear)
+    from assets/tagwords.txt's [compounds] sections."""
+    text = resources.files("captioner").joinpath("assets/tagwords.txt").read_text(encoding="utf-8")
+    found: dict[str, list[tuple[str, ...]]] = {"[compounds]": [], "[compounds that are not their last word]": []}
+    section = None
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip().lower()
+        if line.startswith("["):
+            section = line if line in found else None
+        elif line and section:
+            found[section].append(tuple(line.split()))
+    every = sorted(set(found["[compounds]"]) | set(found["[compounds that are not their last word]"]), key=lambda c: -len(c))
+    return tuple(every), frozenset(found["[compounds that are not their last word]"])
+
+
+def join_compounds(words: Sequence[str]) -> list[str]:
+    """Caption tokens with each known compound noun as one item: [a, man, on, a, cell phone]."""
+    out, i, known = [], 0, compounds()[0]
+    while i < len(words):
+        hit = next((c for c in known if tuple(words[i:i + len(c)]) == c or
+                    tuple(words[i:i + len(c)]) == (*c[:-1], c[-1] + "s")), None)
+        out.append(" ".join(words[i:i + len(hit)]) if hit else words[i])
+        i += len(hit) if hit else 1
+    return out
 
 
 def is_noun(word: str) -> bool:
@@ -73,7 +101,7 @@ def is_noun(word: str) -> bool:
 
 def caption_tags(captions: Sequence[str], k: int = CAPTION_TAGS) -> list[Tag]:
     """Up to k nouns of the captions, the most frequent first (ties: first use); score = share of captions."""
-    counts = Counter(w for c in captions for w in dict.fromkeys(tokenize(c)) if is_noun(w))
+    counts = Counter(w for c in captions for w in dict.fromkeys(join_compounds(tokenize(c))) if " " in w or is_noun(w))
     return [Tag(w, "caption", round(n / len(captions), 3)) for w, n in counts.most_common(k)]
 
 

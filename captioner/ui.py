@@ -231,7 +231,7 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
     def caption(image: str | None, beam: float, max_len: float, topk: float):
         """Caption one image. Returns the caption, a table of alternatives (caption, log-prob, per word) and one
         attention heat map per word (gallery items labelled with the word)."""
-        from .images import ImageError, load_image
+        from .images import ImageError, load_image, size_warning
 
         beam, max_len, topk = (in_range(beam, BEAM, "Beam size"), in_range(max_len, MAX_LEN, "Max length"),
                                in_range(topk, TOPK, "Alternatives"))
@@ -246,6 +246,9 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
             c = cap.caption([pil], beam=int(beam), max_len=int(max_len), topk=int(topk))[0]
         except CaptionerError as exc:
             raise user_error(_user_message(exc)) from None
+        small_warning = size_warning(pil)
+        if small_warning:  # as the CLI says it: a toast, the caption is still shown
+            gr.Warning(small_warning[0].upper() + small_warning[1:] + ".")
         penalty = cap.search_cfg.length_penalty
         alternatives = [[text, *(round(v, 3) for v in log_probabilities(score, len(text.split()), penalty))]
                         for text, score in c.alternatives]
@@ -296,7 +299,7 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
             progress((0, len(todo)), desc="captioning", unit="images")
             done = iter(caption_files(cap, todo, beam=int(beam), topk=3,
                                       progress=lambda n: progress((n, len(todo)), desc="captioning", unit="images")))
-            rows, thumbs, records, stamps = [], [], [], {}
+            rows, thumbs, records, stamps, small = [], [], [], {}, 0
             for path, name, pre in items:
                 r = {"caption": "", "score": None, "alternatives": [], "error": pre} if pre else next(done)
                 err = r.get("error") or ""
@@ -304,6 +307,7 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
                 score = None if score is None else round(float(score), 4)
                 rows.append([name, r.get("caption") or "", score, err])
                 stamps[name if name not in stamps else f"{name} ({len(rows)})"] = path.stat()
+                small += bool(r.get("warning"))
                 records.append({"file": name, "caption": r.get("caption") or "", "score": score,
                                 "alternatives": [[t, round(float(sc), 4)] for t, sc in r.get("alternatives") or []],
                                 "error": err or None})
@@ -327,6 +331,11 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
             library([{**rec, "path": name, "error": rec["error"] or ""} for name, rec in zip(stamps, records)])
         finally:
             library.close()
+        failed = sum(1 for r in rows if r[3])
+        if failed or small:  # the table says which; the toast says how many
+            gr.Warning(f"{failed} of {len(rows)} files failed (see the error column)" * bool(failed)
+                       + ("; " if failed and small else "")
+                       + (f"{small} images under 32 px: their captions are unreliable" if small else ""))
         return thumbs, rows, str(csv_path), str(jsonl_path), str(out / "captions.sqlite")
 
     return caption_batch

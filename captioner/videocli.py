@@ -79,10 +79,21 @@ def run_video(args: argparse.Namespace) -> int:
     from .tags import describe, frame_captioner
     from .video import tag_video, write_results
 
+    from .video import probe
+
+    results, failed, videos = [], 0, []
+    for path in args.videos:  # before the model loads (seconds): a file that is no video fails at once
+        try:
+            probe(path)
+            videos.append(path)
+        except CaptionerError as exc:
+            print(f"captioner: error: {exc}", file=sys.stderr)
+            failed += 1
+    if not videos:
+        return outcome(0, failed)
     cap = Captioner.load(args.model, args.device, backend=args.backend, int8=args.int8)
     caption_fn = frame_captioner(cap, cap.search_config(**search_kwargs(args)))
-    results, failed = [], 0
-    for path in args.videos:
+    for path in videos:
         try:
             with _frame_bar(path, show_progress(args)) as progress:
                 res = tag_video(path, caption_fn, every=args.every, scenes=args.scenes, batch_size=args.batch_size,

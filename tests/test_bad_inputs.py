@@ -31,6 +31,7 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.errors import CaptionerError
+from captioner.images import path_from_text
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 torch.set_num_threads(1)
@@ -158,8 +159,8 @@ def test_cli_image_corpus(corpus, tiny_model, tmp_path):
                    "--batch-size", 4, "--no-progress")
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
-    text = out.read_bytes().decode("utf-8", "surrogateescape")
-    rows = {Path(r["path"]).name: r for r in map(json.loads, text.splitlines())}
+    text = out.read_bytes().decode("utf-8")  # valid UTF-8: odd names are escaped (images.path_text)
+    rows = {Path(path_from_text(r["path"])).name: r for r in map(json.loads, text.splitlines())}
     assert sorted(rows) == sorted(expect), set(rows) ^ set(expect)
     for name, error in expect.items():
         r = rows[name]

@@ -79,9 +79,9 @@ def test_csv_and_jsonl_with_broken_files(folder, tiny_model, tmp_path, capsys):
     check_rows(rows, folder)
     assert list(rows[0]) == ["path", "caption", "score", "alternatives", "error", "warning"]
     assert all(r["alternatives"] == "" for r in rows)  # --topk 1: column left empty
-    # JSONL with 2 loader processes: the same captions; an existing output is overwritten without --resume
+    # JSONL with 2 loader processes: the same captions; an existing output is replaced with --overwrite
     out_jsonl.write_text('{"path": "stale"}\n')
-    assert run(folder, "-o", out_jsonl, "--model", tiny_model, "--workers", 2, "--batch-size", 5) == 3
+    assert run(folder, "-o", out_jsonl, "--model", tiny_model, "--workers", 2, "--batch-size", 5, "--overwrite") == 3
     records = read(out_jsonl)
     check_rows(records, folder)
     assert [(r["caption"], r["error"] or "") for r in records] == [(r["caption"], r["error"]) for r in rows]
@@ -181,7 +181,7 @@ def cli(*args: object) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # the killed run: the real CLI, with image loading slowed down so that the kill lands mid-run
 SLOW = ("import sys, time, captioner.batch as b; load = b.load_image; "
-        "b.load_image = lambda p: (time.sleep(0.03), load(p))[1]; from captioner.cli import main; sys.exit(main())")
+        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli import main; sys.exit(main())")
 
 
 @pytest.fixture(scope="module")

@@ -122,8 +122,9 @@ def test_caption_writes_library_and_resume_follows_changes(tiny_model, tmp_path,
     word = second["p5.jpg"]["caption"].split()[-1]
     assert run("search", lib, word, "--json") == 0
     assert str(d / "p5.jpg") in [r["path"] for r in json.loads(capsys.readouterr().out)]
-    assert run("caption", d / "p0.jpg", "-o", lib, "--model", tiny_model, "--workers", 0, "--no-progress") == 0
-    assert list(rows_of(lib)) == ["p0.jpg"]  # without --resume the library starts afresh, as CSV/JSONL do
+    assert run("caption", d / "p0.jpg", "-o", lib, "--model", tiny_model, "--workers", 0, "--no-progress") == 2
+    assert run("caption", d / "p0.jpg", "-o", lib, "--model", tiny_model, "--workers", 0, "--overwrite", "--no-progress") == 0
+    assert list(rows_of(lib)) == ["p0.jpg"]  # --overwrite starts afresh, as for CSV/JSONL
 
 
 def test_other_files_are_refused_and_left_alone(good_folder, tiny_model, tmp_path, capsys):
@@ -134,7 +135,7 @@ def test_other_files_are_refused_and_left_alone(good_folder, tiny_model, tmp_pat
         con.execute("CREATE TABLE photos (path TEXT)")
     before = {p: p.read_bytes() for p in (text, other)}
     for target in (text, other):
-        for resume in ([], ["--resume"]):
+        for resume in (["--overwrite"], ["--resume"]):  # even --overwrite leaves them alone
             assert run("caption", good_folder, "-o", target, *resume, "--model", tiny_model, "--no-progress") == 1
             err = capsys.readouterr().err
             assert "is not a captioner library" in err and err.count("\n") == 1 and "Traceback" not in err

@@ -306,7 +306,7 @@ def test_failed_replace_leaves_the_original_whole(photos, monkeypatch):
 # ------------------------------------------------------------------- SIGKILL ------
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 SLOW = ("import sys, time, captioner.batch as b; load = b.load_image; "
-        "b.load_image = lambda p: (time.sleep(0.03), load(p))[1]; from captioner.cli import main; sys.exit(main())")
+        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli import main; sys.exit(main())")
 
 
 @needs_exiftool
