@@ -223,8 +223,8 @@ def test_unwritable_files_are_error_rows_and_the_rest_is_written(tiny_model, tmp
     picture(6).save(d / "moving.png")
     load = captioner.batch._load
 
-    def load_and_change(path, min_side):  # someone edits moving.png while it is being captioned
-        img = load(path, min_side)
+    def load_and_change(path, *rest):  # someone edits moving.png while it is being captioned
+        img = load(path, *rest)
         if path.name == "moving.png":
             picture(9).save(path)
             os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))

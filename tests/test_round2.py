@@ -142,7 +142,7 @@ def test_verbose_keeps_third_party_debug_logs_out(tiny_model, tmp_path):
     assert one.returncode == 0
     assert "Importing" not in one.stderr and "PIL" not in one.stderr
     assert one.stderr.splitlines()[0].startswith("captioner: skipped ")  # -v's own detail is still there
-    assert len(one.stderr.splitlines()) == 2
+    assert len(one.stderr.splitlines()) == 3 and one.stderr.splitlines()[1].startswith("runtimes: encoder ")
     two = cli("-vv", "caption", tmp_path, "--model", tiny_model, "--workers", 0, "--no-progress")
     assert two.returncode == 0 and "Importing" in two.stderr  # -vv: everything, for bug reports
 
