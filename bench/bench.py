@@ -402,6 +402,10 @@ def build_compiled(args) -> dict:
 
 
 def child(args) -> None:
+    if STAGES[args.stage][0] is stage_caption:  # as `captioner caption` does: the workers' fork server starts
+        from captioner.workers import start   # before torch is imported, so that their imports overlap
+
+        start()
     import torch
 
     torch.set_num_threads(args.threads)

@@ -510,7 +510,6 @@ def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
 def run_caption(args: argparse.Namespace) -> int:
     from . import metadata
     from .library import LibraryWriter
-    from .model import Captioner
 
     world, rank = _world()
     tagging = metadata.metadata_options(args)
@@ -525,7 +524,9 @@ def run_caption(args: argparse.Namespace) -> int:
         raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
     exiftool = metadata.find_exiftool() if tagging else None  # before the model loads: fail fast
     if args.workers and len(paths[rank::world]) > args.batch_size and args.device == "cpu":
-        start_workers()  # the fork server's imports overlap the model's loading
+        start_workers()  # before torch is imported here: the fork server's imports overlap ours and the model's load
+    from .model import Captioner
+
     local = os.environ.get("LOCAL_RANK", "0")
     cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device,
                          backend=args.backend, int8=args.int8)

@@ -23,7 +23,7 @@ from .errors import CaptionerError
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 # What the fork server imports before it forks workers: torch, the image stack and captioner's modules. Nothing
 # here may import onnxruntime at import time (it starts a thread), or run a network (tests/test_workers.py).
-PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", "numpy", "captioner.batch", "captioner.model",
+PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", "numpy", "timm", "captioner.batch", "captioner.model",
            "captioner.data"]
 WORKER_TIMEOUT = 300.0  # seconds a DataLoader may wait for the next batch before the command stops
 
