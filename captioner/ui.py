@@ -269,7 +269,7 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
         Returns thumbnails (gallery), a table (file, caption, score, error) and CSV, JSONL and SQLite files
         (the SQLite library, searchable with `captioner search`, names each photo as the table does)."""
         from .batch import caption_files
-        from .images import ImageError, is_zip, safe_extract_zip, to_rgb
+        from .images import ImageError, extract_zip, is_zip, to_rgb
         from .library import LibraryWriter
 
         beam = in_range(beam, BEAM, "Beam size")
@@ -284,11 +284,12 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
                     dest = Path(unzip_root) / f"{i:04d}"
                     dest.mkdir()
                     try:
-                        members = safe_extract_zip(p, dest, max_files=max_zip_files, max_total_bytes=max_zip_bytes)
-                    except ImageError as exc:  # an unsafe or bomb archive is one error row; the rest goes on
+                        got = extract_zip(p, dest, max_files=max_zip_files, max_total_bytes=max_zip_bytes)
+                    except ImageError as exc:  # an unreadable, empty or crowded archive is one error row
                         items.append((p, p.name, " ".join(str(exc).replace(str(p), p.name).split())))
                         continue
-                    items += [(m, f"{p.name}/{m.relative_to(dest).as_posix()}", "") for m in sorted(members)]
+                    # its images are captioned; each member left out (unsafe, encrypted, nested zip) is a row
+                    items += [(m or p, f"{p.name}/{shown}", why) for shown, m, why in got.entries]
                 else:
                     size = p.stat().st_size
                     too_big = f"file too large ({_mb(size)}, limit {_mb(max_image_bytes)})"

@@ -1,0 +1,141 @@
+"""Issue 25, the items a second branch finished: zips (item 3), the example photos (12), lightly corrupt videos
+(9), the app's layout (11), low-confidence captions (10) and the library API's argument checks."""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import picture
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- item 3: zips ------
+def png(i: int) -> bytes:
+    buf = io.BytesIO()
+    picture(i).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_zip(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as zf:
+        warnings.simplefilter("ignore")  # "Duplicate name": made on purpose
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model):
+    """The app's Batch tab function: (uploaded paths) -> (rows [file, caption, score, error], toasts)."""
+    gr = pytest.importorskip("gradio")
+    from captioner import ui
+    from captioner.model import Captioner
+
+    fn = ui.caption_batch_fn(Captioner.load(tiny_model), ui.WorkDir(), max_zip_bytes=2**20)
+
+    def call(*paths: Path) -> tuple[list[list], list[str]]:
+        toasts: list[str] = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gr, "Warning", lambda message, *a, **k: toasts.append(message))
+            rows = fn([str(p) for p in paths], 3, progress=lambda *a, **k: None)[1]
+        return [[r[0], r[1], r[3]] for r in rows], toasts
+    return call
+
+
+def test_zip_duplicate_names_keep_both(batch, tmp_path):
+    z = make_zip(tmp_path / "dup.zip", [("a.png", png(1)), ("a.png", png(2)), ("sub/a.png", png(3))])
+    rows, _ = batch(z)
+    assert [r[0] for r in rows] == ["dup.zip/a.png", "dup.zip/a (2).png", "dup.zip/sub/a.png"]
+    assert all(r[1] and not r[2] for r in rows)
+
+
+def test_zip_empty_or_holding_only_zips_says_so(batch, tmp_path):
+    empty = make_zip(tmp_path / "empty.zip", [])
+    rows, toasts = batch(empty)
+    assert rows == [["empty.zip", "", "empty.zip: empty zip archive (no files in it)"]]
+    assert toasts == ["1 of 1 files failed (see the error column)"]
+    inner = make_zip(tmp_path / "inner.zip", [("a.png", png(1))])
+    outer = make_zip(tmp_path / "outer.zip", [("inner.zip", inner.read_bytes())])
+    rows, _ = batch(outer)
+    assert len(rows) == 1 and "holds only zip archives (inner.zip)" in rows[0][2] and "not opened" in rows[0][2]
+    mixed = make_zip(tmp_path / "mixed.zip", [("b.png", png(2)), ("inner.zip", inner.read_bytes())])
+    rows, _ = batch(mixed)
+    assert rows[0][:2] == ["mixed.zip/b.png", rows[0][1]] and rows[0][1] and not rows[0][2]
+    assert rows[1][0] == "mixed.zip/inner.zip" and "not opened" in rows[1][2]
+    text = make_zip(tmp_path / "text.zip", [("readme.txt", b"hi")])
+    assert batch(text)[0] == [["text.zip", "", "text.zip: no images in this zip archive (1 other files)"]]
+
+
+def test_zip_macos_extras_are_skipped_silently(batch, tmp_path):
+    z = make_zip(tmp_path / "mac.zip", [("a.png", png(1)), ("__MACOSX/._a.png", b"\0\5\26\7 appledouble"),
+                                        ("__MACOSX/sub/x.png", b"junk"), ("sub/._b.png", b"junk"), ("sub/b.png", png(2))])
+    rows, toasts = batch(z)
+    assert [r[0] for r in rows] == ["mac.zip/a.png", "mac.zip/sub/b.png"] and not any(r[2] for r in rows)
+    assert toasts == []
+
+
+def test_truncated_zip_is_a_damaged_zip(batch, tmp_path):
+    whole = make_zip(tmp_path / "whole.zip", [("a.png", png(1)), ("b.png", png(2))]).read_bytes()
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(whole[:len(whole) // 2])
+    rows, _ = batch(cut)
+    assert rows == [["cut.zip", "", "cut.zip: damaged zip (truncated: its table of contents is missing)"]]
+
+
+def encrypt_flag(path: Path) -> Path:
+    """Mark every member as encrypted (what `zip -e` sets; zipfile cannot write encrypted archives)."""
+    data = bytearray(path.read_bytes())
+    for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = data.find(sig)
+        while i >= 0:
+            data[i + off] |= 1
+            i = data.find(sig, i + 4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_encrypted_zip_is_one_clear_line(batch, tmp_path):
+    z = encrypt_flag(make_zip(tmp_path / "secret.zip", [("a.png", png(1)), ("b.png", png(2))]))
+    rows, _ = batch(z)
+    assert rows == [["secret.zip", "", "secret.zip: encrypted zip (password-protected): unzip it with its password "
+                                       "first"]]
+
+
+def test_unsafe_zip_captions_its_safe_members_and_names_the_unsafe_ones(batch, tmp_path):
+    slip = make_zip(tmp_path / "slip.zip", [("ok.png", png(1)), ("../evil.png", png(2)), ("sub/fine.png", png(3))])
+    rows, toasts = batch(slip)
+    assert [r[0] for r in rows] == ["slip.zip/ok.png", "slip.zip/../evil.png", "slip.zip/sub/fine.png"]
+    assert rows[0][1] and rows[2][1] and not rows[0][2] and not rows[2][2]
+    assert rows[1][1:] == ["", "refused, unsafe path: not extracted"]
+    assert toasts == ["1 of 3 files failed (see the error column)"]
+    assert not (tmp_path / "evil.png").exists()
+    bomb = make_zip(tmp_path / "bomb.zip", [("good.png", png(1)), ("bomb.png", bytes(4 * 2**20))])  # limit 1 MiB
+    rows, _ = batch(bomb)
+    assert rows[0][0] == "bomb.zip/good.png" and rows[0][1] and not rows[0][2]
+    assert rows[1][0] == "bomb.zip/bomb.png" and "refused" in rows[1][2] and "zip bomb" in rows[1][2]
+
+
+def test_zip_member_decompressing_beyond_its_header_is_cut_off(tmp_path):
+    from captioner.images import extract_zip
+
+    z = make_zip(tmp_path / "small.zip", [("a.png", png(1)), ("b.png", png(2))])
+    real_open = zipfile.ZipFile.open
+    calls = []
+
+    def lying_open(self, info, *a, **k):  # the second member streams far more than declared
+        calls.append(info.filename)
+        return io.BytesIO(bytes(3 * 2**20)) if info.filename == "b.png" else real_open(self, info, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zipfile.ZipFile, "open", lying_open)
+        got = extract_zip(z, tmp_path / "out", max_total_bytes=2**20) if (tmp_path / "out").mkdir() is None else None
+    assert [s for _, s in got.images] == ["a.png"] and got.problems == [("b.png", "refused, expands beyond 1 MiB "
+                                                                                 "(zip bomb)")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
