@@ -414,7 +414,7 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     examples = example_images()
                     if examples:
-                        gr.Examples(examples, inputs=image, label="Examples (drawn procedurally, CC0)",
+                        gr.Examples(examples, inputs=image, label="Examples (public-domain and CC0 photos)",
                                     examples_per_page=8)
                 with gr.Column(scale=1):
                     caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption", lines=1)

@@ -362,7 +362,7 @@ def test_app_py_fails_cleanly_without_model(tmp_path):
 def test_nothing_leaves_the_machine(client, net_log):
     """Runs after the endpoint tests above (same module-scoped app): launch, uploads, captioning,
     downloads resolved no host but this one (analytics off, no share, no CDN)."""
-    client.predict(handle_file(str(ROOT / "captioner" / "assets" / "examples" / "shapes.png")), 1, 4, 1,
+    client.predict(handle_file(str(ROOT / "captioner" / "assets" / "examples" / "chelsea.jpg")), 1, 4, 1,
                    api_name="/caption")
     assert "127.0.0.1" in net_log  # the hook sees the client's own lookups
     outside = sorted({h for h in net_log if h not in LOCAL_HOSTS})

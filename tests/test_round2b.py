@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import warnings
 import zipfile
@@ -139,3 +140,35 @@ def test_zip_member_decompressing_beyond_its_header_is_cut_off(tmp_path):
     assert [s for _, s in got.images] == ["a.png"] and got.problems == [("b.png", "refused, expands beyond 1 MiB "
                                                                                  "(zip bomb)")]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+
+
+# ------------------------------------------------------------------- item 12: real example photos ------
+def test_examples_are_the_licensed_photos_small_and_listed():
+    from PIL import Image
+
+    from captioner.ui import EXAMPLES_DIR, example_images
+
+    names = sorted(Path(p).name for p in example_images())
+    assert names == ["astronaut.jpg", "camera.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    licences = (EXAMPLES_DIR / "LICENSES.txt").read_text(encoding="utf-8")
+    for name in names:
+        line = next(x for x in licences.splitlines() if x.startswith(name + " "))
+        assert "public domain" in line or "CC0" in line
+        with Image.open(EXAMPLES_DIR / name) as im:
+            assert im.format == "JPEG" and max(im.size) <= 640 and im.mode == "RGB"
+    assert sum(p.stat().st_size for p in EXAMPLES_DIR.iterdir()) < 2**20
+
+
+def test_make_examples_rebuilds_them_from_the_shared_photos(tmp_path):
+    from conftest import shared_or_skip
+
+    from captioner.ui import EXAMPLES_DIR
+
+    photos = shared_or_skip("photos")
+    spec = importlib.util.spec_from_file_location("make_examples", ROOT / "data" / "make_examples.py")
+    make_examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_examples)
+    made = make_examples.main(photos, tmp_path)
+    assert sorted(p.name for p in made) == sorted(p.name for p in EXAMPLES_DIR.glob("*.jpg"))
+    assert all(p.read_bytes() == (EXAMPLES_DIR / p.name).read_bytes() for p in made)  # deterministic
+    assert (tmp_path / "LICENSES.txt").read_text() == (EXAMPLES_DIR / "LICENSES.txt").read_text()
