@@ -370,6 +370,8 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
                             progress=lambda n: progress((n, total), desc="captioning frames", unit="frames"))
         except VideoError as exc:
             raise user_error(_user_message(exc, video)) from None
+        for w in res.warnings:  # a damaged file: captioned, but said
+            gr.Warning(w[0].upper() + w[1:] + ".")
         if len(res.times) >= max_frames:
             gr.Warning(f"Stopped after {max_frames} frames (at {_mmss(res.times[-1])}); "
                        "sample less often to cover the whole video.")

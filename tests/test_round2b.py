@@ -172,3 +172,42 @@ def test_make_examples_rebuilds_them_from_the_shared_photos(tmp_path):
     assert sorted(p.name for p in made) == sorted(p.name for p in EXAMPLES_DIR.glob("*.jpg"))
     assert all(p.read_bytes() == (EXAMPLES_DIR / p.name).read_bytes() for p in made)  # deterministic
     assert (tmp_path / "LICENSES.txt").read_text() == (EXAMPLES_DIR / "LICENSES.txt").read_text()
+
+
+# ------------------------------------------------------------------- item 9: a lightly corrupt MP4 ------
+def damaged_mp4(tmp_path: Path) -> Path:
+    """A valid PyAV MP4 with bytes overwritten in three places in the middle of its frame data (mdat)."""
+    import struct
+
+    import numpy as np
+    from test_video import make_video
+
+    data = bytearray(make_video(tmp_path / "clip.mp4").read_bytes())
+    i = data.find(b"mdat")
+    start, end = i + 4, i - 4 + struct.unpack(">I", data[i - 4:i])[0]
+    rng = np.random.default_rng(0)
+    for at in (0.3, 0.5, 0.7):
+        k = start + int((end - start) * at)
+        data[k:k + 32] = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
+    bad = tmp_path / "damaged.mp4"
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+def test_lightly_corrupt_mp4_is_captioned_with_a_warning(tmp_path, tiny_model, capsys):
+    import json
+
+    from captioner.cli import main
+
+    bad = damaged_mp4(tmp_path)
+    out = tmp_path / "out.json"
+    assert main(["video", str(bad), "--model", str(tiny_model), "--no-progress", "-o", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"captioner: {bad}: warning: damaged video: ")
+    assert "undecodable packets skipped" in err[0] and "Traceback" not in err[0]
+    (video,) = json.loads(out.read_text())["videos"]
+    assert len(video["times"]) == 10 and video["warnings"] == [err[0].split("warning: ", 1)[1]]
+    assert main(["video", str(tmp_path / "clip.mp4"), "--model", str(tiny_model), "--no-progress",
+                 "-o", str(tmp_path / "clean.json")]) == 0  # an intact file: no warning
+    assert capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "clean.json").read_text())["videos"][0]["warnings"] == []
