@@ -211,3 +211,31 @@ def test_lightly_corrupt_mp4_is_captioned_with_a_warning(tmp_path, tiny_model, c
                  "-o", str(tmp_path / "clean.json")]) == 0  # an intact file: no warning
     assert capsys.readouterr().err == ""
     assert json.loads((tmp_path / "clean.json").read_text())["videos"][0]["warnings"] == []
+
+
+# ------------------------------------------------- the bad-input table: #45, #41 (library API) ------
+@pytest.mark.parametrize("option, value, message", [("beam", 0, "beam=0: 0 is out of range: must be from 1 to 16"),
+                                                    ("max_len", 1.5, "max_len=1.5: 1.5 is not a whole number"),
+                                                    ("topk", -1, "topk=-1"), ("beem", 3, "unknown search option 'beem'")])
+def test_captioner_caption_checks_its_search_options(tiny_model, option, value, message):
+    from captioner.errors import CaptionerError
+    from captioner.model import Captioner
+
+    cap = Captioner.load(tiny_model)
+    with pytest.raises(CaptionerError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        cap.caption([picture(1)], **{option: value})
+    assert len(cap.caption([picture(1)], beam=1)[0].alternatives) == 1  # in range: fine
+
+
+def test_caption_files_accepts_bytes_paths(tiny_model, tmp_path):
+    import os
+
+    from captioner.batch import caption_files
+    from captioner.model import Captioner
+
+    picture(1).save(tmp_path / "a.png")
+    name = os.path.join(os.fsencode(tmp_path), b"x\xff.png")  # not UTF-8: only bytes name it exactly
+    picture(2).save(os.fsdecode(name))
+    rows = caption_files(Captioner.load(tiny_model), [str(tmp_path / "a.png"), tmp_path / "a.png", name], workers=0)
+    assert [r["error"] for r in rows] == ["", "", ""] and all(r["caption"] for r in rows)
+    assert rows[2]["path"] == os.fsdecode(name)
