@@ -444,10 +444,11 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     bbeam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size")
                     brun = gr.Button("Caption all", variant="primary", elem_id="batch-button")
                     csv_out = gr.File(label="CSV (file, caption, score, error)", elem_id="batch-csv",
-                                      interactive=False)
-                    jsonl_out = gr.File(label="JSONL (with alternatives)", elem_id="batch-jsonl", interactive=False)
+                                      interactive=False, visible=False)
+                    jsonl_out = gr.File(label="JSONL (with alternatives)", elem_id="batch-jsonl", interactive=False,
+                                        visible=False)
                     sqlite_out = gr.File(label="SQLite library (search it with `captioner search`)",
-                                         elem_id="batch-sqlite", interactive=False)
+                                         elem_id="batch-sqlite", interactive=False, visible=False)
                 with gr.Column(scale=2):
                     thumbs = gr.Gallery(label="Thumbnails", elem_id="batch-gallery", columns=6, height="auto",
                                         object_fit="cover", preview=False)
@@ -461,9 +462,13 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                 with status.reporting(request):
                     return caption_many(files, beam, progress)
 
-            _with_status(brun.click(batch_fn, [files, bbeam], [thumbs, table, csv_out, jsonl_out, sqlite_out],
-                                    api_name="caption_batch"), batch_status, status, "caption_batch_status",
+            batch_run = brun.click(batch_fn, [files, bbeam], [thumbs, table, csv_out, jsonl_out, sqlite_out],
+                                   api_name="caption_batch")
+            _with_status(batch_run, batch_status, status, "caption_batch_status",
                          "Done: see the table (files that failed have an error).")
+            # the download boxes stay hidden (an empty tab is not three empty boxes) until there are results
+            batch_run.success(lambda: [gr.File(visible=True)] * 3, None, [csv_out, jsonl_out, sqlite_out],
+                              api_visibility="private")
 
         with gr.Tab("Video", id="video"):
             with gr.Row(equal_height=False):

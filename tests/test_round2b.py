@@ -239,3 +239,15 @@ def test_caption_files_accepts_bytes_paths(tiny_model, tmp_path):
     rows = caption_files(Captioner.load(tiny_model), [str(tmp_path / "a.png"), tmp_path / "a.png", name], workers=0)
     assert [r["error"] for r in rows] == ["", "", ""] and all(r["caption"] for r in rows)
     assert rows[2]["path"] == os.fsdecode(name)
+
+
+# ------------------------------------------------------ item 11: the empty Batch tab's download boxes ------
+def test_batch_downloads_are_hidden_until_there_are_results(tiny_model):
+    pytest.importorskip("gradio")
+    from captioner import ui
+    from captioner.model import Captioner
+
+    demo = ui.build_demo(Captioner.load(tiny_model))
+    boxes = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None) in
+             ("batch-csv", "batch-jsonl", "batch-sqlite")}
+    assert len(boxes) == 3 and not any(b.visible for b in boxes.values())
