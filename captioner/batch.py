@@ -192,7 +192,7 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
         return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None], warnings
 
 
-def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob | None = None,
+def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: CaptionJob | None = None,
                   on_batch: Callable[[list[Row]], None] | None = None,
                   progress: Callable[[int], None] | None = None, **overrides: Any) -> list[Row]:
     """Caption `paths` (a `Captioner`, batched encoder + beam search); one result dict per path, in order.
@@ -210,7 +210,7 @@ def caption_files(cap: Any, paths: Sequence[str | os.PathLike], job: CaptionJob 
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram, no_repeat_words=job.no_repeat_words)
-    paths = [Path(p) for p in paths]
+    paths = [Path(os.fsdecode(p)) for p in paths]  # str, PathLike or bytes (os.fsdecode: any name, losslessly)
     per_image, per_batch, min_side = _split_transform(cap.transform)
     batches = -(-len(paths) // max(1, job.batch_size))
     workers = min(job.workers, batches) if cap.device.type == "cpu" and batches > 1 else 0  # one batch: here

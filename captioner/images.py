@@ -11,6 +11,7 @@ import stat
 import threading
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -280,75 +281,172 @@ def skipped_summary(skipped: Sequence[Path]) -> str:
 
 # ---------------------------------------------------------------------------- archives -------
 def is_zip(path: PathLike) -> bool:
-    """True for a real zip archive (starts with a zip signature), not for an image with a zip appended."""
+    """True for a file that starts like a zip archive (also a damaged one, so that it is reported as a damaged
+    zip, not as an unsupported image), not for an image with a zip appended."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06") and zipfile.is_zipfile(f)
+            return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
     except (OSError, ValueError):
         return False
 
 
-def _member_parts(info: zipfile.ZipInfo, name: str) -> list[str]:
-    """The member's path components; the whole archive is refused if any member is unsafe."""
+def _unsafe(info: zipfile.ZipInfo) -> str:
+    """Why a member must not be written ('' when it is safe)."""
     member, kind = info.filename, stat.S_IFMT(info.external_attr >> 16)
     parts = member.replace("\\", "/").split("/")
     if member.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", member) or ".." in parts or "\0" in member:
-        raise ImageError(f"{name}: refused, unsafe path {member!r} in archive")
+        return "unsafe path"
     if kind == stat.S_IFLNK:
-        raise ImageError(f"{name}: refused, archive contains a symbolic link ({member!r})")
+        return "symbolic link"
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise ImageError(f"{name}: refused, archive contains a special file ({member!r})")
-    return [p for p in parts if p not in ("", ".")]
+        return "special file"
+    return ""
+
+
+def _macos_extra(parts: Sequence[str]) -> bool:
+    """macOS Finder's resource-fork copies (__MACOSX/..., ._name): not photos, skipped silently."""
+    return parts[0] == "__MACOSX" or parts[-1].startswith("._")
+
+
+def _unique(parts: list[str], taken: set[tuple[str, ...]]) -> tuple[str, ...]:
+    """parts, or with ' (2)', ' (3)', ... before the suffix when a member of that name was already planned."""
+    key, n = tuple(parts), 1
+    while key in taken:
+        n += 1
+        p = Path(parts[-1])
+        key = (*parts[:-1], f"{p.stem} ({n}){p.suffix}")
+    taken.add(key)
+    return key
+
+
+@dataclass
+class ZipContents:
+    """What extract_zip got from an archive, in the archive's order: (name inside it, '/'-separated, a duplicate
+    name with ' (2)'; its path on disk, or None; '' or why it was not extracted: unsafe, encrypted, nested archive,
+    damaged, over the size limit)."""
+    entries: list[tuple[str, Path | None, str]] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[tuple[Path, str]]:
+        return [(p, shown) for shown, p, why in self.entries if p is not None and not why]
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        return [(shown, why) for shown, _, why in self.entries if why]
+
+
+def _open_zip(zip_path: PathLike, name: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile as exc:
+        try:  # a zip cut short loses its central directory at the end
+            with open(zip_path, "rb") as f:
+                starts_like_zip = f.read(4) == b"PK\x03\x04"
+        except OSError:
+            starts_like_zip = False
+        if starts_like_zip and "not a zip file" in str(exc):
+            raise ImageError(f"{name}: damaged zip (truncated: its table of contents is missing)") from None
+        raise ImageError(f"{name}: damaged zip ({_one_line(exc)})") from None
+    except Exception as exc:
+        raise ImageError(f"{name}: not a readable zip archive ({_one_line(exc)})") from None
+
+
+def extract_zip(zip_path: PathLike, dest: Path, max_files: int = 2000,
+                max_total_bytes: int = 512 * 2**20) -> ZipContents:
+    """Extract the image members of a zip into dest (keeping their subfolders), skipping the unsafe ones.
+    Members with an unsafe path, links and special files, encrypted members, nested archives (never opened),
+    members that do not fit in max_total_bytes (declared by the headers, or as actually decompressed: headers can
+    lie) and damaged ones are not written and are listed in `problems`; macOS's __MACOSX/ and ._* files and
+    non-images are skipped silently. The whole archive is refused (ImageError, nothing written) when it is not a
+    readable zip, holds more than max_files members, or holds nothing to caption (empty, only nested archives,
+    only encrypted images, no images): one line saying which."""
+    name, dest = display_name(zip_path), Path(dest)
+    limit = f"{max_total_bytes / 2**20:g} MiB"
+    zf = _open_zip(zip_path, name)
+    found: list[tuple[int, str, Path | None, str]] = []  # (archive position, name, path, problem)
+    with zf:
+        try:
+            infos = zf.infolist()
+        except Exception as exc:  # noqa: BLE001 - defensive: infolist is read at open
+            raise ImageError(f"{name}: damaged zip ({_one_line(exc)})") from None
+        if len(infos) > max_files:
+            raise ImageError(f"{name}: refused, {len(infos)} members in archive (limit {max_files})")
+        plan: list[tuple[int, tuple[str, ...], zipfile.ZipInfo]] = []
+        taken: set[tuple[str, ...]] = set()
+        nested, encrypted, files = [], 0, 0
+        for i, info in enumerate(infos):
+            shown = display_name(info.filename)
+            why = _unsafe(info)
+            if why:
+                found.append((i, shown, None, f"refused, {why}: not extracted"))
+                continue
+            parts = [p for p in info.filename.replace("\\", "/").split("/") if p not in ("", ".")]
+            if info.is_dir() or not parts or _macos_extra(parts):
+                continue
+            files += 1
+            suffix = Path(parts[-1]).suffix.lower()
+            if suffix == ".zip":
+                nested.append((i, shown))
+            elif suffix in IMAGE_EXTENSIONS:
+                if info.flag_bits & 0x1:
+                    encrypted += 1
+                    found.append((i, shown, None, "encrypted (password-protected): not extracted"))
+                else:
+                    plan.append((i, _unique(parts, taken), info))
+        if not plan and len(found) == encrypted:  # nothing to caption, nothing unsafe to report
+            if encrypted:
+                raise ImageError(f"{name}: encrypted zip (password-protected): unzip it with its password first")
+            if nested:
+                raise ImageError(f"{name}: holds only zip archives ({', '.join(n for _, n in nested[:3])}"
+                                 f"{', ...' if len(nested) > 3 else ''}); archives inside archives are not "
+                                 "opened: unzip it and upload those")
+            raise ImageError(f"{name}: " + ("empty zip archive (no files in it)" if not files else
+                                            f"no images in this zip archive ({files} other files)"))
+        found += [(i, n, None, "zip archive inside a zip: not opened (unzip it and upload it)") for i, n in nested]
+        root, budget = os.path.realpath(dest), max_total_bytes
+        for i, parts, info in plan:
+            shown = "/".join(parts)
+            if info.file_size > budget:
+                found.append((i, shown, None, f"refused, the archive's images would expand beyond {limit} "
+                                              "(possible zip bomb): not extracted"))
+                continue
+            target = dest.joinpath(*parts)
+            made: list[Path] = []
+            try:
+                if not os.path.realpath(target).startswith(root + os.sep):  # e.g. a symlink already in dest
+                    raise ImageError(f"refused, it would be written outside {display_name(dest)}")
+                for d in reversed([d for d in [target.parent, *target.parent.parents] if not d.exists()]):
+                    d.mkdir()
+                    made.append(d)
+                with zf.open(info) as src, open(target, "xb") as dst:
+                    made.append(target)
+                    while chunk := src.read(1 << 20):
+                        budget -= len(chunk)
+                        if budget < 0:
+                            raise ImageError(f"refused, expands beyond {limit} (zip bomb)")
+                        dst.write(chunk)
+            except Exception as exc:
+                for p in reversed(made):
+                    with contextlib.suppress(OSError):
+                        p.unlink() if p == target else p.rmdir()
+                why = str(exc) if isinstance(exc, ImageError) else f"cannot extract ({_one_line(exc)})"
+                found.append((i, shown, None, why))
+                continue
+            found.append((i, shown, target, ""))
+    return ZipContents([e[1:] for e in sorted(found, key=lambda e: e[0])])
 
 
 def safe_extract_zip(zip_path: PathLike, dest: Path, max_files: int = 2000,
                      max_total_bytes: int = 512 * 2**20) -> list[Path]:
-    """Extract the image members of a zip into dest (keeping their subfolders) and return their
-    paths, sorted. Refuses the whole archive (ImageError, nothing left behind) on unsafe paths,
-    links, more than max_files members, or more than max_total_bytes of images, as declared by the
-    headers (checked before writing anything) or as actually decompressed (headers can lie)."""
+    """extract_zip, all or nothing: the image paths, sorted; any problem refuses the whole archive (ImageError
+    naming the first one, nothing left behind in dest)."""
     name, dest = display_name(zip_path), Path(dest)
-    limit = f"{max_total_bytes / 2**20:g} MiB"
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except Exception as exc:
-        raise ImageError(f"{name}: not a readable zip archive ({_one_line(exc)})") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > max_files:
-            raise ImageError(f"{name}: refused, {len(infos)} members in archive (limit {max_files})")
-        plan: dict[tuple[str, ...], zipfile.ZipInfo] = {}  # a later duplicate entry wins, as in zipfile
-        for info in infos:
-            parts = _member_parts(info, name)
-            if not info.is_dir() and parts and Path(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS:
-                plan[tuple(parts)] = info
-        if sum(i.file_size for i in plan.values()) > max_total_bytes:
-            raise ImageError(f"{name}: refused, images would expand beyond {limit} (possible zip bomb)")
-        root, budget = os.path.realpath(dest), max_total_bytes
-        written: list[Path] = []
-        made: list[Path] = []
-        try:
-            for parts, info in plan.items():
-                target = dest.joinpath(*parts)
-                if not os.path.realpath(target).startswith(root + os.sep):  # e.g. a symlink already in dest
-                    raise ImageError(f"{name}: refused, {info.filename!r} would be written outside {display_name(dest)}")
-                for d in reversed([d for d in [target.parent, *target.parent.parents] if not d.exists()]):
-                    d.mkdir()
-                    made.append(d)
-                with zf.open(info) as src, open(target, "xb") as out:
-                    written.append(target)
-                    while chunk := src.read(1 << 20):
-                        budget -= len(chunk)
-                        if budget < 0:
-                            raise ImageError(f"{name}: refused, images expand beyond {limit} (zip bomb)")
-                        out.write(chunk)
-        except Exception as exc:
-            for p in written:
-                p.unlink(missing_ok=True)
-            for d in reversed(made):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            if isinstance(exc, ImageError):
-                raise
-            raise ImageError(f"{name}: cannot extract ({_one_line(exc)})") from None
-    return sorted(written, key=str)
+    before = set(dest.rglob("*"))
+    got = extract_zip(zip_path, dest, max_files, max_total_bytes)
+    if got.problems:
+        for p in sorted(set(dest.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+        member, why = got.problems[0]
+        raise ImageError(f"{name}: {why.replace(': not extracted', '')} ({member!r} in archive)")
+    return sorted((p for p, _ in got.images), key=str)

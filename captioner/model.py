@@ -278,7 +278,21 @@ class Captioner:
         return f"{self.backend}/{self.decoder_backend}"
 
     def search_config(self, **overrides: Any) -> SearchConfig:
+        """The model's decoding settings with `overrides` (None = keep); each checked against the CLI's range for
+        it: a bad value (beam=0) is a CaptionerError, never a silent greedy search."""
+        from .cliargs import BEAM, LENGTH_PENALTY, MAX_LEN, NO_REPEAT_NGRAM, TOPK
+
         base = {f.name: getattr(self.search_cfg, f.name) for f in fields(SearchConfig)}
+        limits = {"beam": BEAM, "max_len": MAX_LEN, "topk": TOPK, "length_penalty": LENGTH_PENALTY,
+                  "no_repeat_ngram": NO_REPEAT_NGRAM}
+        for k, v in overrides.items():
+            if k not in base:
+                raise CaptionerError(f"unknown search option {k!r} (known: {', '.join(base)})")
+            if v is not None and k in limits:
+                try:
+                    overrides[k] = limits[k].check(v)
+                except ValueError as exc:
+                    raise CaptionerError(f"{k}={v!r}: {exc}") from None
         base.update({k: v for k, v in overrides.items() if v is not None})
         base["topk"] = min(base["topk"], max(base["beam"], 1))
         return SearchConfig(**base)

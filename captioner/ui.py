@@ -269,7 +269,7 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
         Returns thumbnails (gallery), a table (file, caption, score, error) and CSV, JSONL and SQLite files
         (the SQLite library, searchable with `captioner search`, names each photo as the table does)."""
         from .batch import caption_files
-        from .images import ImageError, is_zip, safe_extract_zip, to_rgb
+        from .images import ImageError, extract_zip, is_zip, to_rgb
         from .library import LibraryWriter
 
         beam = in_range(beam, BEAM, "Beam size")
@@ -284,11 +284,12 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
                     dest = Path(unzip_root) / f"{i:04d}"
                     dest.mkdir()
                     try:
-                        members = safe_extract_zip(p, dest, max_files=max_zip_files, max_total_bytes=max_zip_bytes)
-                    except ImageError as exc:  # an unsafe or bomb archive is one error row; the rest goes on
+                        got = extract_zip(p, dest, max_files=max_zip_files, max_total_bytes=max_zip_bytes)
+                    except ImageError as exc:  # an unreadable, empty or crowded archive is one error row
                         items.append((p, p.name, " ".join(str(exc).replace(str(p), p.name).split())))
                         continue
-                    items += [(m, f"{p.name}/{m.relative_to(dest).as_posix()}", "") for m in sorted(members)]
+                    # its images are captioned; each member left out (unsafe, encrypted, nested zip) is a row
+                    items += [(m or p, f"{p.name}/{shown}", why) for shown, m, why in got.entries]
                 else:
                     size = p.stat().st_size
                     too_big = f"file too large ({_mb(size)}, limit {_mb(max_image_bytes)})"
@@ -369,6 +370,8 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
                             progress=lambda n: progress((n, total), desc="captioning frames", unit="frames"))
         except VideoError as exc:
             raise user_error(_user_message(exc, video)) from None
+        for w in res.warnings:  # a damaged file: captioned, but said
+            gr.Warning(w[0].upper() + w[1:] + ".")
         if len(res.times) >= max_frames:
             gr.Warning(f"Stopped after {max_frames} frames (at {_mmss(res.times[-1])}); "
                        "sample less often to cover the whole video.")
@@ -413,7 +416,7 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     examples = example_images()
                     if examples:
-                        gr.Examples(examples, inputs=image, label="Examples (drawn procedurally, CC0)",
+                        gr.Examples(examples, inputs=image, label="Examples (public-domain and CC0 photos)",
                                     examples_per_page=8)
                 with gr.Column(scale=1):
                     caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption", lines=1)
@@ -441,10 +444,11 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     bbeam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size")
                     brun = gr.Button("Caption all", variant="primary", elem_id="batch-button")
                     csv_out = gr.File(label="CSV (file, caption, score, error)", elem_id="batch-csv",
-                                      interactive=False)
-                    jsonl_out = gr.File(label="JSONL (with alternatives)", elem_id="batch-jsonl", interactive=False)
+                                      interactive=False, visible=False)
+                    jsonl_out = gr.File(label="JSONL (with alternatives)", elem_id="batch-jsonl", interactive=False,
+                                        visible=False)
                     sqlite_out = gr.File(label="SQLite library (search it with `captioner search`)",
-                                         elem_id="batch-sqlite", interactive=False)
+                                         elem_id="batch-sqlite", interactive=False, visible=False)
                 with gr.Column(scale=2):
                     thumbs = gr.Gallery(label="Thumbnails", elem_id="batch-gallery", columns=6, height="auto",
                                         object_fit="cover", preview=False)
@@ -458,9 +462,13 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                 with status.reporting(request):
                     return caption_many(files, beam, progress)
 
-            _with_status(brun.click(batch_fn, [files, bbeam], [thumbs, table, csv_out, jsonl_out, sqlite_out],
-                                    api_name="caption_batch"), batch_status, status, "caption_batch_status",
+            batch_run = brun.click(batch_fn, [files, bbeam], [thumbs, table, csv_out, jsonl_out, sqlite_out],
+                                   api_name="caption_batch")
+            _with_status(batch_run, batch_status, status, "caption_batch_status",
                          "Done: see the table (files that failed have an error).")
+            # the download boxes stay hidden (an empty tab is not three empty boxes) until there are results
+            batch_run.success(lambda: [gr.File(visible=True)] * 3, None, [csv_out, jsonl_out, sqlite_out],
+                              api_visibility="private")
 
         with gr.Tab("Video", id="video"):
             with gr.Row(equal_height=False):

@@ -72,6 +72,7 @@ class VideoResult:
     tags: list[str]
     tag_sources: list[Tag] = field(default_factory=list)
     labels: list[Labels] = field(default_factory=list)  # per sampled frame; empty without a classifier
+    warnings: list[str] = field(default_factory=list)  # e.g. a damaged file's count of undecodable packets
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,16 +120,41 @@ def _no_video(container: av.container.InputContainer) -> str:
     return f"no video stream (only {', '.join(kinds)} streams)"
 
 
-def _decode(container: av.container.InputContainer, stream, t0: float) -> Iterator[tuple[float, av.VideoFrame]]:
-    """(time, frame) from the current position; frames without a timestamp are skipped."""
-    for frame in container.decode(stream):
-        if frame.time is not None:
-            yield frame.time - t0, frame
+@dataclass
+class Damage:
+    """What a damaged file cost while decoding: packets the decoder refused (skipped) and frames it decoded but
+    flagged as corrupt (errors concealed)."""
+    bad_packets: int = 0
+    corrupt_frames: int = 0
+
+    def warning(self) -> str:
+        if not (self.bad_packets or self.corrupt_frames):
+            return ""
+        return (f"damaged video: {self.bad_packets} undecodable packets skipped, {self.corrupt_frames} frames "
+                "decoded with errors; captions near them may be wrong")
 
 
-def _seek(container: av.container.InputContainer, stream, t0: float, t: float) -> Iterator[tuple[float, av.VideoFrame]]:
+def _decode(container: av.container.InputContainer, stream, t0: float,
+            damage: Damage | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
+    """(time, frame) from the current position; frames without a timestamp are skipped, and so are packets the
+    decoder refuses as invalid data (a lightly corrupt file): counted in `damage`."""
+    damage = damage if damage is not None else Damage()
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            damage.bad_packets += 1
+            continue
+        for frame in frames:
+            damage.corrupt_frames += bool(frame.is_corrupt)
+            if frame.time is not None:
+                yield frame.time - t0, frame
+
+
+def _seek(container: av.container.InputContainer, stream, t0: float, t: float,
+          damage: Damage | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
     container.seek(max(0, int((t + t0) / stream.time_base)), stream=stream, backward=True, any_frame=False)
-    return _decode(container, stream, t0)
+    return _decode(container, stream, t0, damage)
 
 
 def _span(stream) -> tuple[float, float | None]:
@@ -163,19 +189,20 @@ def scene_change(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).mean())
 
 
-def _pick(container, stream, every: float, scenes: bool, threshold: float) -> Iterator[tuple[float, av.VideoFrame]]:
+def _pick(container, stream, every: float, scenes: bool, threshold: float,
+          damage: Damage | None = None) -> Iterator[tuple[float, av.VideoFrame]]:
     t0, end = _span(stream)
-    frames = _decode(container, stream, t0)
+    frames = _decode(container, stream, t0, damage)
     target, last, gap, key, prev = 0.0, 0.0, (math.inf if scenes else SEEK_GAP), None, None
     while True:
         if target - last > gap:  # seeking skips at least one keyframe interval of decoding
-            frames, key = _seek(container, stream, t0, target), None
+            frames, key = _seek(container, stream, t0, target, damage), None
             first = next(frames, None)
             if first is None:  # nothing at or after the target: the end (or, before `end`, a truncated file)
                 last = max(last, target)
                 break
             if first[0] > target + EPS:  # overshot: the index is not precise, decode forward from `last`
-                gap, frames = math.inf, _seek(container, stream, t0, last)
+                gap, frames = math.inf, _seek(container, stream, t0, last, damage)
             else:
                 if first[0] <= last:  # landed where we already were: keyframes are at least this far apart
                     gap = max(gap, target - first[0])
@@ -198,15 +225,17 @@ def _pick(container, stream, every: float, scenes: bool, threshold: float) -> It
 
 
 def sample_frames(path: str | Path, every: float = 1.0, scenes: bool = False,
-                  scene_threshold: float = DEFAULT_SCENE_THRESHOLD, max_frames: int | None = None) -> Iterator[Frame]:
+                  scene_threshold: float = DEFAULT_SCENE_THRESHOLD, max_frames: int | None = None,
+                  damage: Damage | None = None) -> Iterator[Frame]:
     """The first frame at or after each of 0, every, 2*every, ... (stream timestamps), plus, with `scenes`,
     each frame whose colour signature differs from the frame just before it by more than `scene_threshold`
     (`scene_change`: mean absolute difference of 16x16 RGB thumbnails, 0-1): hard cuts, while fades, pans
-    and zooms change little from one frame to the next. every <= 0 (with scenes) samples cuts only."""
+    and zooms change little from one frame to the next. every <= 0 (with scenes) samples cuts only.
+    `damage`, when given, counts the packets skipped and frames flagged corrupt on the way."""
     if every <= 0 and not scenes:
         raise VideoError("every must be > 0 seconds (or 0 together with scenes)")
     with _open(path) as (container, stream):
-        picks = _pick(container, stream, every, scenes, scene_threshold)
+        picks = _pick(container, stream, every, scenes, scene_threshold, damage)
         for t, frame in islice(picks, max_frames):
             yield Frame(t, frame.to_image())
 
@@ -250,7 +279,8 @@ def tag_video(path: str | Path, caption_fn: CaptionFn, every: float = 1.0, scene
     times: list[float] = []
     captions: list[str] = []
     labels: list[Labels] = []
-    frames = sample_frames(path, every, scenes, scene_threshold, max_frames)
+    damage = Damage()
+    frames = sample_frames(path, every, scenes, scene_threshold, max_frames, damage)
     while batch := list(islice(frames, max(1, batch_size))):
         out = [o if isinstance(o, FrameCaption) else FrameCaption(o) for o in caption_fn([f.image for f in batch])]
         if len(out) != len(batch):
@@ -268,7 +298,8 @@ def tag_video(path: str | Path, caption_fn: CaptionFn, every: float = 1.0, scene
     labels = labels if any(labels) else []
     segments = merge_segments(times, captions, duration, similarity, labels)
     tags = tag(captions, labels)
-    return VideoResult(str(path), duration, times, captions, segments, [t.tag for t in tags], tags, labels)
+    return VideoResult(str(path), duration, times, captions, segments, [t.tag for t in tags], tags, labels,
+                       [w for w in [damage.warning()] if w])
 
 
 def format_timestamp(seconds: float, sep: str = ",") -> str:

@@ -107,6 +107,8 @@ def run_video(args: argparse.Namespace) -> int:
         except OSError as exc:  # saving --frames-dir JPEGs: disk full, read-only, a file in the way
             raise CaptionerError(f"cannot write frames to {args.frames_dir}: {_why(exc)}") from None
         results.append(res)
+        for w in res.warnings:  # kept (exit 0), but never silently: also in the JSON's "warnings"
+            print(f"captioner: {path}: warning: {w}", file=sys.stderr)
         if args.output is None:
             print(f"{path} ({res.duration:.1f} s): {describe(res.tag_sources)}")
             for seg in res.segments:

@@ -283,15 +283,18 @@ def test_batch_malicious_zip(client, tmp_path, kind):
         assert archive.stat().st_size < 2 * 2**20
         targets = []
     good = write_image(tmp_path / "beside.png")
-    # item 13: the archive is refused as one error row, the image uploaded beside it is still captioned
+    # item 13: the unsafe member is one error row naming it (issue 25: the archive's safe members are still
+    # captioned), the image uploaded beside it is captioned
     _, table, csv_path, _, _ = client.predict([handle_file(str(archive)), handle_file(str(good))], 1,
                                            api_name="/caption_batch")
     rows = rows_of(table)
-    assert [r[0] for r in rows] == [archive.name, "beside.png"]
-    message = rows[0][3]
-    assert "refused" in message.lower() and archive.name in message and "/gradio/" not in message and not rows[0][1]
-    assert rows[1][1] and not rows[1][3]
-    assert [r["error"] for r in read_csv(csv_path)] == [message, ""]
+    member = name if kind in ("traversal", "absolute") else {"symlink": "link.png", "bomb": "zeros.png"}[kind]
+    safe = [f"{archive.name}/ok.png"] if kind in ("traversal", "absolute") else []
+    assert [r[0] for r in rows] == [*safe, f"{archive.name}/{member}", "beside.png"]
+    message = rows[-2][3]
+    assert "refused" in message.lower() and "/gradio/" not in message and not rows[-2][1]
+    assert all(r[1] and not r[3] for r in rows if r[0] != rows[-2][0])
+    assert [r["error"] for r in read_csv(csv_path)] == ["" for _ in safe] + [message, ""]
     for t in targets:
         assert not t.exists(), f"{t} was written"
 
@@ -359,7 +362,7 @@ def test_app_py_fails_cleanly_without_model(tmp_path):
 def test_nothing_leaves_the_machine(client, net_log):
     """Runs after the endpoint tests above (same module-scoped app): launch, uploads, captioning,
     downloads resolved no host but this one (analytics off, no share, no CDN)."""
-    client.predict(handle_file(str(ROOT / "captioner" / "assets" / "examples" / "shapes.png")), 1, 4, 1,
+    client.predict(handle_file(str(ROOT / "captioner" / "assets" / "examples" / "chelsea.jpg")), 1, 4, 1,
                    api_name="/caption")
     assert "127.0.0.1" in net_log  # the hook sees the client's own lookups
     outside = sorted({h for h in net_log if h not in LOCAL_HOSTS})

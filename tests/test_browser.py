@@ -91,14 +91,14 @@ def test_image_tab(page):
     from captioner.ui import example_images
 
     # an example, picked from the examples table
-    page.locator('img[src*="red_ball.jpg"]').first.click()
+    page.locator('img[src*="chelsea.jpg"]').first.click()
     page.locator("#caption-button").click()
     page.wait_for_function("() => (document.querySelector('#caption textarea')?.value || '').trim().length > 0")
     page.locator("#attention img").first.wait_for()
     # an upload
-    example = next(p for p in example_images() if "landscape" in p)
+    example = next(p for p in example_images() if "coffee" in p)
     page.locator("#image-input input[type=file]").set_input_files(example)
-    page.wait_for_selector('#image-input img[src*="landscape"]')
+    page.wait_for_selector('#image-input img[src*="coffee"]')
     before = page.locator("#attention img").first.get_attribute("src")
     page.locator("#caption-button").click()
     page.wait_for_function("(before) => { const img = document.querySelector('#attention img');"

@@ -88,7 +88,7 @@ def test_seek_path_matches_full_decode(tmp_path, monkeypatch, gop, every):
     path = make_video(tmp_path / f"gop{gop}.mp4", gop=gop)
     seeks = []
     real_seek = V._seek
-    monkeypatch.setattr(V, "_seek", lambda c, s, t0, t: seeks.append(t) or real_seek(c, s, t0, t))
+    monkeypatch.setattr(V, "_seek", lambda c, s, t0, t, *damage: seeks.append(t) or real_seek(c, s, t0, t, *damage))
     frames = list(V.sample_frames(path, every=every))
     decoded = full_decode(path)
     targets = [k * every for k in range(int(SECONDS / every) + 1) if k * every <= decoded[-1][0]]
@@ -107,9 +107,9 @@ def test_seek_overshoot_falls_back_to_forward_decoding(clip, monkeypatch):
     seeks = []
     real_seek = V._seek
 
-    def bad_seek(c, s, t0, t):
+    def bad_seek(c, s, t0, t, *damage):
         seeks.append(t)
-        return real_seek(c, s, t0, t + (1.05 if len(seeks) == 1 else 0.0))
+        return real_seek(c, s, t0, t + (1.05 if len(seeks) == 1 else 0.0), *damage)
 
     monkeypatch.setattr(V, "_seek", bad_seek)
     frames = list(V.sample_frames(clip, every=2.5))
