@@ -207,6 +207,8 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from .search import score_warning
+
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram, no_repeat_words=job.no_repeat_words)
@@ -230,7 +232,8 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
                 for i, c in zip(idx, found):
                     rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
                                "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": "",
-                               "warning": warnings.get(i, "")}
+                               "warning": "; ".join(w for w in (warnings.get(i, ""),
+                                                                score_warning(c.score, cfg.length_penalty)) if w)}
             batch = [rows[i] for i in sorted(rows)]
             results += batch
             if on_batch:

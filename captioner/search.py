@@ -11,6 +11,16 @@ import torch
 from .decoder import Decoder
 
 NEG = -1e9
+# A caption scoring below this (raw log-prob, length_penalty 0) is flagged "low confidence": the shipped model's
+# 1st percentile on the Flickr8k dev images, beam 3 (docs/results.md "Low-confidence captions").
+LOW_SCORE = -21.8
+
+
+def score_warning(score: float | None, length_penalty: float = 0.0) -> str:
+    """'' for a usual score; a one-line warning for one below LOW_SCORE (raw log-probs only)."""
+    if score is None or length_penalty or score >= LOW_SCORE:
+        return ""
+    return f"low confidence (score {score:.1f} below {LOW_SCORE:g})"
 
 
 @dataclass

@@ -246,9 +246,11 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
             c = cap.caption([pil], beam=int(beam), max_len=int(max_len), topk=int(topk))[0]
         except CaptionerError as exc:
             raise user_error(_user_message(exc)) from None
-        small_warning = size_warning(pil)
-        if small_warning:  # as the CLI says it: a toast, the caption is still shown
-            gr.Warning(small_warning[0].upper() + small_warning[1:] + ".")
+        from .search import score_warning
+
+        for w in (size_warning(pil), score_warning(c.score, cap.search_cfg.length_penalty)):
+            if w:  # as the CLI says it: a toast, the caption is still shown
+                gr.Warning(w[0].upper() + w[1:] + ".")
         penalty = cap.search_cfg.length_penalty
         alternatives = [[text, *(round(v, 3) for v in log_probabilities(score, len(text.split()), penalty))]
                         for text, score in c.alternatives]
@@ -259,14 +261,14 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
     return caption
 
 
-BATCH_HEADERS = ["file", "caption", "score", "error"]
+BATCH_HEADERS = ["file", "caption", "score", "error", "warning"]
 
 
 def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP_FILES,
                      max_zip_bytes: int = MAX_ZIP_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES) -> Callable:
     def caption_batch(files: list[str] | None, beam: float, progress=gr.Progress()):
         """Caption many images; .zip archives are unpacked (safely) and their images captioned.
-        Returns thumbnails (gallery), a table (file, caption, score, error) and CSV, JSONL and SQLite files
+        Returns thumbnails (gallery), a table (file, caption, score, error, warning) and CSV, JSONL and SQLite files
         (the SQLite library, searchable with `captioner search`, names each photo as the table does)."""
         from .batch import caption_files
         from .images import ImageError, extract_zip, is_zip, to_rgb
@@ -300,18 +302,20 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
             progress((0, len(todo)), desc="captioning", unit="images")
             done = iter(caption_files(cap, todo, beam=int(beam), topk=3,
                                       progress=lambda n: progress((n, len(todo)), desc="captioning", unit="images")))
-            rows, thumbs, records, stamps, small = [], [], [], {}, 0
+            rows, thumbs, records, stamps, small, low = [], [], [], {}, 0, 0
             for path, name, pre in items:
                 r = {"caption": "", "score": None, "alternatives": [], "error": pre} if pre else next(done)
                 err = r.get("error") or ""
                 score = r.get("score")
                 score = None if score is None else round(float(score), 4)
-                rows.append([name, r.get("caption") or "", score, err])
+                warning = "" if err else r.get("warning") or ""
+                rows.append([name, r.get("caption") or "", score, err, warning])
                 stamps[name if name not in stamps else f"{name} ({len(rows)})"] = path.stat()
-                small += bool(r.get("warning"))
+                small += "pixels (under" in warning
+                low += "low confidence" in warning
                 records.append({"file": name, "caption": r.get("caption") or "", "score": score,
                                 "alternatives": [[t, round(float(sc), 4)] for t, sc in r.get("alternatives") or []],
-                                "error": err or None})
+                                "error": err or None, "warning": warning or None})
                 if not err and len(thumbs) < GALLERY_LIMIT:
                     try:
                         with Image.open(path) as im:
@@ -333,10 +337,11 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
         finally:
             library.close()
         failed = sum(1 for r in rows if r[3])
-        if failed or small:  # the table says which; the toast says how many
-            gr.Warning(f"{failed} of {len(rows)} files failed (see the error column)" * bool(failed)
-                       + ("; " if failed and small else "")
-                       + (f"{small} images under 32 px: their captions are unreliable" if small else ""))
+        notes = [f"{failed} of {len(rows)} files failed (see the error column)" * bool(failed),
+                 f"{small} images under 32 px: their captions are unreliable" * bool(small),
+                 f"{low} captions with low confidence (see the warning column)" * bool(low)]
+        if any(notes):  # the table says which; the toast says how many
+            gr.Warning("; ".join(n for n in notes if n))
         return thumbs, rows, str(csv_path), str(jsonl_path), str(out / "captions.sqlite")
 
     return caption_batch
@@ -452,9 +457,9 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                 with gr.Column(scale=2):
                     thumbs = gr.Gallery(label="Thumbnails", elem_id="batch-gallery", columns=6, height="auto",
                                         object_fit="cover", preview=False)
-                    table = gr.Dataframe(headers=BATCH_HEADERS, datatype=["str", "str", "number", "str"],
+                    table = gr.Dataframe(headers=BATCH_HEADERS, datatype=["str", "str", "number", "str", "str"],
                                          label="Captions", interactive=False, elem_id="batch-table", wrap=True,
-                                         column_widths=["20%", "42%", "12%", "26%"])
+                                         column_widths=["18%", "38%", "10%", "17%", "17%"])
             batch_status = gr.Markdown(elem_id="batch-status")
             caption_many = caption_batch_fn(cap, work, max_zip_files, max_zip_bytes, max_image_bytes)
 
