@@ -67,7 +67,7 @@ class TrainConfig:
     lr: float = 4e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
     alpha_c: float = 1.0  # doubly stochastic attention regularisation (lambda)
-    penalty: str = "mean"  # its form: mean (lambda x mean over the L cells of (T/L - sum_t alpha_ti)^2, T the caption's words) or sum (lambda x sum_i (1 - sum_t alpha_ti)^2, the form of the models trained before it; its minimum is the uniform map when T < L)
+    penalty: str = "mean"  # its form: mean (lambda x mean over the L cells of (T/L - sum_t alpha_ti)^2, T the caption's words) or sum (lambda x sum_i (1 - sum_t alpha_ti)^2, the form of the models trained before it: L x mean plus a constant, so its lambda weighs L times as much)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: float = 5.0  # clip the gradient norm to this
     ema: float = 0.0  # validate and save an exponential moving average of the weights with this decay per step (0: off)
