@@ -136,6 +136,6 @@ def attention_penalty(alphas: torch.Tensor, mask: torch.Tensor, form: str = "sum
     coverage = (alphas * mask.unsqueeze(2)).sum(1)
     if form == "sum":
         return ((1.0 - coverage) ** 2).sum(1).mean()
-    # target T/L: a caption of T words can cover each cell T/L, and without sum's constant L(1-T/L)^2 lambda is per cell
+    # per cell, target T/L (all a T-word caption can give each cell): sum = L*mean + L(1-T/L)^2, a constant no map lowers
     target = mask.sum(1, keepdim=True) / alphas.shape[2]
     return ((target - coverage) ** 2).mean(1).mean()
