@@ -11,6 +11,7 @@ import argparse
 import ast
 import json
 import logging
+import math
 import os
 import sys
 from importlib.util import find_spec
@@ -39,7 +40,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "seed": NON_NEGATIVE, "num_workers": WORKERS, "time_limit_min": Range(float, 0), "scst_samples": POSITIVE,
     "scst_bleu": Range(float, 0), "ram_gb": Range(float, 0), "threads": Range(int, 0, 1024),
 }
-TRAIN_CHOICES: dict[str, tuple] = {"grid": (7, 14), "resize": ("crop", "squash")}
+TRAIN_CHOICES: dict[str, tuple] = {"grid": (7, 14), "resize": ("crop", "squash"), "penalty": ("mean", "sum")}
 
 
 def train_fields() -> list[tuple[str, Any, str]]:
@@ -178,6 +179,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print("model:            " + format_scores(res.scores))
         print(f"faults:           {res.scores['repeat_rate']:.1%} of captions repeat a content word, "
               f"{res.scores['unk_rate']:.1%} contain <unk>")
+        print(f"attention:        mean peak weight per word {res.scores['attention_peak']:.3f}, entropy "
+              f"{res.scores['attention_entropy']:.3f} nats (uniform over {cap.encoder.config.grid ** 2} cells: "
+              f"{cap.encoder.config.grid ** -2:.3f}, {2 * math.log(cap.encoder.config.grid):.3f})")
         if args.baseline:
             print("nearest neighbour: " + format_scores(report["nearest_neighbour"]))
     return 0

@@ -6,7 +6,7 @@ Per step t, with annotation vectors a_1..a_L and previous word y_{t-1}:
   h_t, c_t = LSTM([E y_{t-1}; z_t], (h_{t-1}, c_{t-1}))
   p(y_t) = softmax(L_o(E y_{t-1} + L_h h_t + L_z z_t))  (deep output layer)
 h_0, c_0 come from the mean annotation vector. The doubly stochastic regulariser
-lambda * sum_i (1 - sum_t alpha_ti)^2 is computed by `attention_penalty`.
+lambda * sum_i (1 - sum_t alpha_ti)^2, or its per-cell form, is computed by `attention_penalty`.
 """
 
 from __future__ import annotations
@@ -127,8 +127,15 @@ class Decoder(nn.Module):
         return torch.stack(logits, 1)[inverse], torch.stack(alphas, 1)[inverse]
 
 
-def attention_penalty(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Doubly stochastic regulariser: mean over images of sum_i (1 - sum_t alpha_ti)^2,
-    counting only real (non-pad) steps. alphas (B, T, L), mask (B, T)."""
+PENALTIES = ("mean", "sum")
+
+
+def attention_penalty(alphas: torch.Tensor, mask: torch.Tensor, form: str = "sum") -> torch.Tensor:
+    """Doubly stochastic regulariser, mean over captions, counting only real (non-pad) steps. alphas (B, T, L),
+    mask (B, T). sum: sum_i (1 - sum_t alpha_ti)^2 (Xu et al. eq. 14); mean: mean_i (T/L - sum_t alpha_ti)^2."""
     coverage = (alphas * mask.unsqueeze(2)).sum(1)
-    return ((1.0 - coverage) ** 2).sum(1).mean()
+    if form == "sum":
+        return ((1.0 - coverage) ** 2).sum(1).mean()
+    # per cell, target T/L (all a T-word caption can give each cell): sum = L*mean + L(1-T/L)^2, a constant no map lowers
+    target = mask.sum(1, keepdim=True) / alphas.shape[2]
+    return ((target - coverage) ** 2).mean(1).mean()

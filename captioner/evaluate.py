@@ -14,7 +14,7 @@ import torch
 from .data import Item, cache_features
 from .encoder import image_transform
 from .errors import CaptionerError
-from .metrics import caption_faults, coco_bleu, score_captions
+from .metrics import attention_stats, caption_faults, coco_bleu, score_captions
 from .model import Captioner
 from .train import gather_items
 from .vocab import tokenize
@@ -53,6 +53,7 @@ def evaluate(cap: Captioner, specs: Sequence[str], split: str = "test", out: Pat
               "references": it.captions} for it, c in zip(items, caps)]
     scores = score_captions([c.text for c in caps], [it.captions for it in items], with_meteor=meteor)
     scores |= caption_faults([c.text for c in caps])
+    scores |= attention_stats([c.attention for c in caps])
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(p) + "\n" for p in preds))

@@ -14,6 +14,7 @@ models score about 1). Every string is tokenised with `captioner.vocab.tokenize`
 * `meteor`: pycocoevalcap's METEOR 1.5 jar, run on the machine's Java (None without either); used by
   `captioner evaluate`, not by per-epoch validation (it takes seconds). PTBTokenizer and SPICE are not used.
 * `caption_faults`: how many captions repeat a content word, or contain <unk>.
+* `attention_stats`: how sharp the decoder's attention is (mean peak weight and entropy per generated word).
 """
 
 from __future__ import annotations
@@ -130,6 +131,20 @@ def caption_faults(hyps: Sequence[str]) -> dict[str, float]:
         return {"repeat_rate": 0.0, "unk_rate": 0.0}
     return {"repeat_rate": sum(repeats_content_word(tokenize(h)) for h in hyps) / len(hyps),
             "unk_rate": sum(UNK in h.split() for h in hyps) / len(hyps)}
+
+
+def attention_stats(maps: Sequence) -> dict[str, float]:
+    """Over every generated word: the mean largest weight of its attention map and the mean entropy (nats), each
+    map normalised to sum 1. maps: one array (words, ...) per caption. A uniform map over L cells: 1/L and log L."""
+    import numpy as np
+
+    words = [np.asarray(m, dtype=np.float64).reshape(len(m), -1) for m in maps if len(m)]
+    if not words:
+        return {"attention_peak": float("nan"), "attention_entropy": float("nan")}
+    a = np.concatenate(words)
+    a = a / np.maximum(a.sum(1, keepdims=True), 1e-30)
+    logs = np.log(np.where(a > 0, a, 1.0))  # 0 log 0 = 0
+    return {"attention_peak": float(a.max(1).mean()), "attention_entropy": float(-(a * logs).sum(1).mean())}
 
 
 def score_captions(hyps: Sequence[str], refs: Sequence[Sequence[str]], with_meteor: bool = False) -> dict[str, float]:

@@ -26,10 +26,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from .data import CaptionPairs, ImageViews, Item, TextPairs, cache_features, collate, load_dataset, load_text_only
-from .decoder import Decoder, DecoderConfig, attention_penalty
+from .decoder import PENALTIES, Decoder, DecoderConfig, attention_penalty
 from .encoder import Encoder, EncoderConfig, augment_transform
 from .errors import CaptionerError
-from .metrics import CiderD, score_captions
+from .metrics import CiderD, attention_stats, score_captions
 from .model import build_decoder, load_checkpoint, save_checkpoint
 from .scst import scst_epoch
 from .search import SearchConfig, search
@@ -69,9 +69,11 @@ class TrainConfig:
     lr: float = 4e-4  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay
     alpha_c: float = 1.0  # doubly stochastic attention regularisation (lambda)
+    penalty: str = "mean"  # its form: mean (lambda x mean over the L cells of (T/L - sum_t alpha_ti)^2, T the caption's words) or sum (lambda x sum_i (1 - sum_t alpha_ti)^2, the form of the models trained before it: L x mean plus a constant, so its lambda weighs L times as much)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip: float = 5.0  # clip the gradient norm to this
     ema: float = 0.0  # validate and save an exponential moving average of the weights with this decay per step (0: off)
+    ema_warmup: bool = False  # EMA decay min(ema, (1+n)/(10+n)) at update n, so the average forgets the first steps' weights
     lr_factor: float = 0.5  # LR decay on a validation BLEU-4 plateau
     lr_patience: int = 1  # epochs without a better validation BLEU-4 that are tolerated: the LR decays on the next one (torch ReduceLROnPlateau)
     patience: int = 4  # early stopping: epochs without a better validation BLEU-4
@@ -142,14 +144,19 @@ def cache_all(cfg: TrainConfig) -> dict[str, list[np.ndarray]]:
 
 @torch.no_grad()
 def decode_features(decoder: Decoder, vocab: Vocab, feats: np.ndarray | torch.Tensor, scfg: SearchConfig,
-                    device: torch.device, batch_size: int = 100, head: Callable | None = None) -> list[str]:
+                    device: torch.device, batch_size: int = 100, head: Callable | None = None,
+                    maps: list | None = None) -> list[str]:
+    """The best caption per image; `maps`, when given, gets each one's attention (words, L)."""
     decoder.eval()
     specials = (vocab.pad, vocab.start, vocab.end, vocab.unk)
     out = []
     for i in range(0, len(feats), batch_size):
         chunk = torch.from_numpy(np.array(feats[i:i + batch_size])).float().to(device)
         chunk = head(chunk) if head is not None else chunk
-        out += [vocab.decode(h[0].tokens) for h in search(decoder, chunk, scfg, specials)]
+        hyps = search(decoder, chunk, scfg, specials)
+        out += [vocab.decode(h[0].tokens) for h in hyps]
+        if maps is not None:
+            maps += [h[0].attention for h in hyps]
     return out
 
 
@@ -229,6 +236,19 @@ def _new_decoder(cfg: TrainConfig, vocab_size: int, encoder: Encoder, init: dict
     return decoder
 
 
+def ema_warmup_fn(decay: float) -> Callable:
+    """AveragedModel's multi_avg_fn for an EMA whose decay at update n is min(decay, (1+n)/(10+n))."""
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        else:
+            for e, p in zip(ema_params, params):
+                e.copy_(e * d + p * (1 - d))
+    return update
+
+
 def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: torch.optim.Optimizer,
                 criterion: nn.Module, cfg: TrainConfig, pad: int, device: torch.device, desc: str, show: bool,
                 tuned: Sequence[nn.Parameter] = (), head: Callable | None = None,
@@ -249,7 +269,7 @@ def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: t
             logits, alphas = model(feats, caps, index, pad)
         target = caps[:, 1:]
         loss = criterion(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
-        loss = loss + cfg.alpha_c * attention_penalty(alphas.float(), (target != pad).float())
+        loss = loss + cfg.alpha_c * attention_penalty(alphas.float(), (target != pad).float(), cfg.penalty)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_([*decoder.parameters(), *tuned], cfg.grad_clip)
@@ -276,6 +296,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     if cfg.scst and (distributed or cfg.finetune or cfg.text_ratio):
         raise CaptionerError("--scst does not go with torchrun, --finetune or --text-ratio yet")
+    if cfg.penalty not in PENALTIES:
+        raise CaptionerError(f"--penalty must be one of {', '.join(PENALTIES)}, not {cfg.penalty!r}")
     if cfg.scst and cfg.scst_samples < 2:
         raise CaptionerError("--scst-samples must be at least 2 (each sample's baseline is the mean of the others)")
     init = load_checkpoint(cfg.init) if cfg.init else None
@@ -328,7 +350,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         sched.load_state_dict(state["train_state"]["scheduler"])
         ts = {k: state["train_state"][k] for k in ts}
     # Polyak/EMA weights (torch.optim.swa_utils): smoother than the raw weights of any one step
-    ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    avg_fn = ema_warmup_fn(cfg.ema) if cfg.ema_warmup else get_ema_multi_avg_fn(cfg.ema)
+    ema = AveragedModel(decoder, multi_avg_fn=avg_fn, use_buffers=True) if cfg.ema else None
     if ema is not None and state is not None and "ema" in state["train_state"]:
         ema.load_state_dict(state["train_state"]["ema"])
     model: nn.Module = decoder
@@ -372,8 +395,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         score = torch.zeros(1)
         final = ema.module if ema is not None else decoder  # the weights that are validated and saved
         if rank == 0:
-            hyps = decode_features(final, vocab, val_feats, scfg, device, head=head)
-            metrics = score_captions(hyps, [it.captions for it in val_items])
+            maps: list = []
+            hyps = decode_features(final, vocab, val_feats, scfg, device, head=head, maps=maps)
+            metrics = score_captions(hyps, [it.captions for it in val_items]) | attention_stats(maps)
             score[0] = metrics["BLEU-4"]
         if distributed:
             dist.broadcast(score, 0)
@@ -390,9 +414,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             record = {"epoch": epoch, figure: loss, "lr": optim.param_groups[0]["lr"],
                       "elapsed_s": round(ts["elapsed"], 1), "train_s": round(train_s, 1), **startup,
                       **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
-            log.info("epoch %d %s %s val BLEU-4 %.4f CIDEr-D %s lr %.1e%s", epoch, figure,
-                     "-" if loss is None else f"{loss:.3f}", bleu4,
-                     f"{metrics.get('CIDEr-D', float('nan')):.3f}", record["lr"], " *" if improved else "")
+            log.info("epoch %d %s %s val BLEU-4 %.4f CIDEr-D %s attention peak %.3f lr %.1e%s", epoch, figure,
+                     "-" if loss is None else f"{loss:.3f}", bleu4, f"{metrics.get('CIDEr-D', float('nan')):.3f}",
+                     metrics["attention_peak"], record["lr"], " *" if improved else "")
             out.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

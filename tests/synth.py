@@ -60,3 +60,37 @@ def make_dataset(root: Path, n_train: int = 600, n_val: int = 60, n_test: int = 
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def make_object_image(rng: random.Random, size: int = 112) -> tuple[Image.Image, str, str, tuple[float, float, float, float]]:
+    """One coloured shape at a random place on a plain background of a random grey: the image, its colour, its
+    shape, and its box (x0, y0, x1, y1) as fractions of the image side."""
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    grey = rng.randint(150, 250)
+    img = Image.new("RGB", (size, size), (grey, grey, grey))
+    r = 0.17
+    cx, cy = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
+    draw(shape, colour, (cx, cy), ImageDraw.Draw(img), size)
+    return img, colour, shape, (cx - r, cy - r, cx + r, cy + r)
+
+
+def make_object_dataset(root: Path, n_train: int = 600, n_val: int = 60, n_test: int = 60, seed: int = 0
+                        ) -> tuple[Path, dict[str, tuple[float, float, float, float]]]:
+    """Scenes of make_object_image captioned "a red circle" and "the red circle" (`captions.csv`), and each
+    image's object box by file name."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows, boxes = [], {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for i in range(n):
+            img, colour, shape, box = make_object_image(rng)
+            name = f"{split}_{i:04d}.png"
+            img.save(root / name)
+            boxes[name] = box
+            rows += [{"image": name, "caption": f"{art} {colour} {shape}", "split": split} for art in ("a", "the")]
+    path = root / "captions.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "caption", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return path, boxes
