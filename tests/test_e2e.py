@@ -168,7 +168,7 @@ def test_caption_with_the_compiled_encoder(photos, shared_cache, tmp_path):
     for workers in (0, 2):
         out = tmp_path / f"w{workers}.jsonl"
         res = ok(captioner(env, "caption", photos, "--backend", "compiled", "--batch-size", "2", "--workers", workers,
-                           "-o", out, "-v"), )
+                           "-o", out, "-v"))
         assert runtimes(res) == "compiled/torch" and len(rows_of(out)) == N
 
 
@@ -218,7 +218,7 @@ def test_cache_and_evaluate_with_workers(shared_cache, tmp_path):
 def test_the_fork_server_imports_no_runtime():
     """The fork server imports PRELOAD and forks workers from there: none of it may start onnxruntime (it
     starts a thread at import) or a torch pool, which the workers would inherit live."""
-    code = ("import sys, os\n" + "".join(f"import {m}\n" for m in PRELOAD) +
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in PRELOAD) +
             "assert 'onnxruntime' not in sys.modules, 'onnxruntime'\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-1500:]

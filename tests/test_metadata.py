@@ -37,7 +37,7 @@ KEPT = ("IFD0:Make", "IFD0:Model", "ExifIFD:DateTimeOriginal", "ExifIFD:FNumber"
 
 # ------------------------------------------------------------------------ helpers ------
 def exiftool(*args: object) -> list[dict]:
-    done = subprocess.run(["exiftool", "-j", "-G1", *map(str, args)], capture_output=True, text=True)
+    done = subprocess.run(["exiftool", "-j", "-G1", *map(str, args)], capture_output=True, text=True, timeout=120)
     return json.loads(done.stdout or "[]")
 
 
@@ -64,7 +64,7 @@ def camera_jpeg(path: Path, i: int) -> Path:
     picture(i, (96, 64)).save(path, exif=exif, quality=90)
     if shutil.which("exiftool"):
         subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Subject=dog", "-XMP-dc:Subject=beach",
-                        "-IPTC:Keywords=holiday", str(path)], check=True)
+                        "-IPTC:Keywords=holiday", str(path)], check=True, timeout=120)
     return path
 
 
@@ -162,7 +162,7 @@ def test_write_metadata_every_format(photos, tiny_model, tmp_path, capsys):
 def test_sidecars_leave_originals_alone(photos, tiny_model, tmp_path):
     picture(7).save(photos / "raw.bmp")  # any format gets a sidecar
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in photos.iterdir()}
-    subprocess.run(["exiftool", "-q", "-o", str(photos / "plain.jpg.xmp"), "-XMP-xmp:Rating=4"], check=True)
+    subprocess.run(["exiftool", "-q", "-o", str(photos / "plain.jpg.xmp"), "-XMP-xmp:Rating=4"], check=True, timeout=120)
     out = tmp_path / "out.jsonl"
     assert run(photos, "--sidecar", "-o", out, "--model", tiny_model, "--workers", 0) == 0
     rows = read_jsonl(out)
@@ -184,7 +184,7 @@ def test_a_persons_description_is_kept(tiny_model, tmp_path, capsys):
     d.mkdir()
     picture(1).save(d / "xmp.jpg")
     subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Description=Granny's 90th birthday",
-                    str(d / "xmp.jpg")], check=True)
+                    str(d / "xmp.jpg")], check=True, timeout=120)
     exif = Image.Exif()
     exif[0x010E] = "Our first flat"
     picture(2).save(d / "exif.jpg", exif=exif)
@@ -204,7 +204,7 @@ def test_a_persons_description_is_kept(tiny_model, tmp_path, capsys):
     assert run(d, "--write-metadata", "--model", tiny_model, "--workers", 0) == 0
     assert "kept" not in capsys.readouterr().err
     subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Description-x-default=Corrected by hand",
-                    str(d / "camera.jpg")], check=True)
+                    str(d / "camera.jpg")], check=True, timeout=120)
     edited = (d / "camera.jpg").read_bytes()
     assert run(d, "--write-metadata", "--model", tiny_model, "--workers", 0) == 0
     assert "camera.jpg: kept its own description" in capsys.readouterr().err
@@ -250,7 +250,7 @@ def test_unwritable_files_are_error_rows_and_the_rest_is_written(tiny_model, tmp
 @needs_exiftool
 def test_dry_run_changes_nothing(photos, tiny_model, tmp_path, capsys):
     subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Description=A day at the sea",
-                    str(photos / "plain.jpg")], check=True)
+                    str(photos / "plain.jpg")], check=True, timeout=120)
     state = lambda: {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode) for p in photos.iterdir()}  # noqa: E731
     before = state()
     assert run(photos, "--write-metadata", "--dry-run", "--model", tiny_model, "--workers", 0) == 0
