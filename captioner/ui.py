@@ -55,6 +55,12 @@ CSS = """
 /* galleries grow with their content (Gradio's default keeps 450 px however few the items) */
 #attention .grid-wrap.fixed-height, #batch-gallery .grid-wrap.fixed-height,
 #video-frames .grid-wrap.fixed-height {min-height: 12rem;}
+/* the attention maps all show (no inner scroll box), and no gallery's first row sits under its floating label */
+#attention .grid-wrap.fixed-height {max-height: none !important; overflow-y: visible !important;}
+#attention .grid-container, #batch-gallery .grid-container, #video-frames .grid-container {
+  padding-top: 34px !important;}
+/* the upload list: up to ~5 files in view, then a scroll bar that is always drawn (the count is in the label) */
+#batch-files .file-preview-holder {max-height: 22rem !important; overflow-y: scroll !important;}
 /* batch thumbnails and video frames: fixed cells (Gradio stretches a few items over the whole width), each
    image at most its own size (never upscaled, so never blurred), the whole caption below it */
 #batch-gallery .grid-container, #video-frames .grid-container {
@@ -80,19 +86,53 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(v, _CMAP_X, _CMAP_RGB[:, c]) for c in range(3)], -1).astype(np.float32)
 
 
-def attention_overlay(image: Image.Image, attention: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """Heat map of one (g, g) attention map over `image`: the map is min-max normalised, upsampled
-    bicubic to the image size, colour-mapped and alpha-blended (more opaque where attention is high)."""
+ATTENTION_SCALE = 3.0  # the absolute scale's top: this many times the uniform weight 1/L
+
+
+def attention_levels(attention: np.ndarray, stretch: bool = False) -> np.ndarray:
+    """One (g, g) map -> colour levels in [0, 1]. Absolute (default): the map normalised to sum 1, then 0 is
+    weight 0 and 1 is ATTENTION_SCALE x uniform (1/L) or more, so a flat map looks flat (uniform is 1/3 of
+    the way). stretch: each map from its own minimum to its own maximum (shows the shape of a flat map)."""
+    att = np.asarray(attention, np.float32)
+    if stretch:
+        att = att - att.min()
+        return att / att.max() if att.max() > 0 else att
+    total = float(att.sum())
+    att = att / total if total > 0 else np.full_like(att, 1.0 / att.size)
+    return np.clip(att * att.size / ATTENTION_SCALE, 0.0, 1.0)
+
+
+def attention_overlay(image: Image.Image, attention: np.ndarray, alpha: float = 0.55, stretch: bool = False
+                      ) -> Image.Image:
+    """Heat map of one (g, g) attention map over `image`: its levels (attention_levels) upsampled bicubic to the
+    image size, colour-mapped and alpha-blended (more opaque where attention is high)."""
     rgb = np.asarray(image.convert("RGB"), np.float32)
     h, w = rgb.shape[:2]
-    att = np.asarray(attention, np.float32)
-    att = att - att.min()
-    att = att / att.max() if att.max() > 0 else att
+    att = attention_levels(attention, stretch)
     up = np.asarray(Image.fromarray(att, mode="F").resize((w, h), Image.Resampling.BICUBIC), np.float32)
     up = np.clip(up, 0.0, 1.0)
     a = (alpha * (0.35 + 0.65 * up))[..., None]
     out = (1 - a) * rgb + a * colormap(up)
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def colour_bar(stretch: bool = False) -> str:
+    """HTML legend of the heat maps' colours, for the scale they are drawn on."""
+    stops = ", ".join(f"rgb({r:.0f},{g:.0f},{b:.0f}) {x * 100:.0f}%" for x, (r, g, b) in zip(_CMAP_X, _CMAP_RGB))
+    if stretch:
+        ticks = [(0, "each map's minimum"), (100, "its maximum")]
+        note = "Each map stretched to its own range: a flat map looks as sharp as a peaked one."
+    else:
+        ticks = [(100 * k / ATTENTION_SCALE, "0" if k == 0 else ("uniform" if k == 1 else f"{k:g}×"))
+                 for k in range(int(ATTENTION_SCALE))] + [(100, f"≥ {ATTENTION_SCALE:g}× uniform")]
+        note = ("Weight of each grid cell on one scale for every map: uniform is 1/(cells); "
+                "a map that is all one colour did not look anywhere in particular.")
+    labels = "".join(f'<span style="position:absolute;left:{x:.1f}%;transform:translateX(-{min(max(x, 0), 100):.0f}%);'
+                     f'white-space:nowrap">{html.escape(t)}</span>' for x, t in ticks)
+    return (f'<div class="attention-bar"><div style="height:12px;border-radius:3px;'
+            f'background:linear-gradient(to right, {stops})"></div>'
+            f'<div style="position:relative;height:1.3em;font-size:0.8rem">{labels}</div>'
+            f'<div style="font-size:0.8rem;opacity:0.8">{html.escape(note)}</div></div>')
 
 
 def log_probabilities(score: float, words: int, length_penalty: float) -> tuple[float, float]:
@@ -103,8 +143,7 @@ def log_probabilities(score: float, words: int, length_penalty: float) -> tuple[
     return total, total / tokens
 
 
-ATTENTION_LABEL = ("Attention: where the model looked for each word (each map scaled to its own minimum, dark blue, "
-                   "to maximum, red; upsampled bicubic over the image)")
+ATTENTION_LABEL = "Attention: where the model looked for each word"  # one line: a longer label covers the first row
 ALTERNATIVE_HEADERS = ["caption", "log-prob", "per word"]
 ALTERNATIVES_LABEL = ("Alternatives, best first (log-prob: natural log of the caption's probability, summed over "
                       "its words and the end token; per word: that sum / (words + 1), comparable across lengths)")
@@ -228,9 +267,11 @@ def raw_upload(image: gr.Image) -> gr.Image:
 
 # ------------------------------------------------------------------------ the tabs -------
 def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> Callable:
-    def caption(image: str | None, beam: float, max_len: float, topk: float):
+    def caption(image: str | None, beam: float, max_len: float, topk: float, stretch: bool = False,
+                warn: bool = True):
         """Caption one image. Returns the caption, a table of alternatives (caption, log-prob, per word) and one
-        attention heat map per word (gallery items labelled with the word)."""
+        attention heat map per word (gallery items labelled with the word), on the absolute scale unless
+        `stretch` (each map to its own range). warn=False: no toasts (a redraw of what was already said)."""
         from .images import ImageError, load_image, size_warning
 
         beam, max_len, topk = (in_range(beam, BEAM, "Beam size"), in_range(max_len, MAX_LEN, "Max length"),
@@ -249,16 +290,25 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
         from .search import score_warning
 
         for w in (size_warning(pil), score_warning(c.score, cap.search_cfg.length_penalty)):
-            if w:  # as the CLI says it: a toast, the caption is still shown
+            if w and warn:  # as the CLI says it: a toast, the caption is still shown
                 gr.Warning(w[0].upper() + w[1:] + ".")
         penalty = cap.search_cfg.length_penalty
         alternatives = [[text, *(round(v, 3) for v in log_probabilities(score, len(text.split()), penalty))]
                         for text, score in c.alternatives]
         small = _fit(pil, OVERLAY_SIDE)
-        maps = [(attention_overlay(small, att), word) for word, att in zip(c.words, c.attention)]
+        maps = [(attention_overlay(small, att, stretch=bool(stretch)), word) for word, att in zip(c.words, c.attention)]
         return c.text, alternatives, maps
 
     return caption
+
+
+def upload_count(files: list[str] | None) -> str:
+    """The line under the Batch upload list: how many files it holds (the list scrolls past ~5)."""
+    n = len(files or [])
+    if not n:
+        return "No files yet: drop images or .zip archives above."
+    more = " (scroll the list to see them all)" if n > 5 else ""
+    return f"{n} file{'s' if n != 1 else ''} selected{more}."
 
 
 BATCH_HEADERS = ["file", "caption", "score", "error", "warning"]
@@ -431,21 +481,38 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                     attention = gr.Gallery(label=ATTENTION_LABEL,
                                            elem_id="attention", columns=4, height="auto", object_fit="contain",
                                            preview=False)
+                    stretch = gr.Checkbox(False, label="Stretch each map to its own range", elem_id="attention-stretch",
+                                          info="off: one scale for all maps, so a flat map looks flat")
+                    bar = gr.HTML(colour_bar(False), elem_id="attention-bar")
             image_status = gr.Markdown(elem_id="image-status")
             caption_one = caption_image_fn(cap, max_image_bytes)
 
-            def image_fn(image: str | None, beam: float, max_len: float, topk: float, request: gr.Request):
+            def image_fn(image: str | None, beam: float, max_len: float, topk: float, stretch: bool,
+                         request: gr.Request):
                 with status.reporting(request):
-                    return caption_one(image, beam, max_len, topk)
+                    return caption_one(image, beam, max_len, topk, stretch)
 
-            _with_status(run.click(image_fn, [image, beam, max_len, topk], [caption, alternatives, attention],
-                                   api_name="caption"), image_status, status, "caption_status", "Captioned.")
+            inputs = [image, beam, max_len, topk, stretch]
+            _with_status(run.click(image_fn, inputs, [caption, alternatives, attention], api_name="caption"),
+                         image_status, status, "caption_status", "Captioned.")
+
+            def restretch(image: str | None, beam: float, max_len: float, topk: float, stretch: bool,
+                          request: gr.Request):
+                """The scale changed: redraw the maps if there is an image (the caption is the same)."""
+                if not image:
+                    return gr.skip(), gr.skip(), gr.skip()
+                with status.reporting(request):
+                    return caption_one(image, beam, max_len, topk, stretch, warn=False)
+
+            stretch.change(lambda s: colour_bar(bool(s)), stretch, bar, api_name=False, queue=False)
+            stretch.change(restretch, inputs, [caption, alternatives, attention], api_name=False)
 
         with gr.Tab("Batch", id="batch"):
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1):
                     files = gr.File(file_count="multiple", label="Images and/or .zip archives of images",
-                                    elem_id="batch-files", height=200)
+                                    elem_id="batch-files")
+                    count = gr.Markdown(upload_count(None), elem_id="batch-count")
                     bbeam = gr.Slider(1, beam_max, value=beam0, step=1, label="Beam size")
                     brun = gr.Button("Caption all", variant="primary", elem_id="batch-button")
                     csv_out = gr.File(label="CSV (file, caption, score, error)", elem_id="batch-csv",
@@ -467,6 +534,7 @@ def build_demo(cap: Captioner, *, max_image_bytes: int = MAX_IMAGE_BYTES, max_zi
                 with status.reporting(request):
                     return caption_many(files, beam, progress)
 
+            files.change(upload_count, files, count, api_visibility="private", queue=False)
             batch_run = brun.click(batch_fn, [files, bbeam], [thumbs, table, csv_out, jsonl_out, sqlite_out],
                                    api_name="caption_batch")
             _with_status(batch_run, batch_status, status, "caption_batch_status",

@@ -132,6 +132,21 @@ def test_caption_image(client, tmp_path):
         assert max(im.size) <= 320
 
 
+def test_caption_image_stretched_maps(client, tmp_path):
+    """The API's fifth input (optional, off by default) draws each map on its own range: other pixels."""
+    photo = handle_file(str(write_image(tmp_path / "a.png")))
+    text, _, flat = client.predict(photo, 3, 8, 3, api_name="/caption")
+    text2, _, stretched = client.predict(photo, 3, 8, 3, True, api_name="/caption")
+
+    def pixels(item) -> np.ndarray:
+        image = item["image"]
+        with Image.open(image if isinstance(image, str) else image["path"]) as im:
+            return np.asarray(im.convert("RGB"), np.int32)
+
+    assert text2 == text and len(stretched) == len(flat)
+    assert any(not np.array_equal(pixels(a), pixels(b)) for a, b in zip(flat, stretched))
+
+
 def test_alternatives_label_says_what_the_scores_are(app):
     from captioner import ui
 
@@ -174,6 +189,7 @@ def test_attention_overlay_shape_and_peak():
     att[0, 6] = 1.0  # top-right cell
     out = np.asarray(attention_overlay(img, att), np.int32)
     assert out.shape == (70, 140, 3)
+    assert np.array_equal(out, np.asarray(attention_overlay(img, att, stretch=True), np.int32))  # 0 and 1: both scales
     hot, cold = out[5, 135], out[65, 5]
     assert hot[0] > hot[2] and cold[2] > cold[0]  # red where attended, blue elsewhere
     # item 16: a one-hot map is one bright region, in its cell's corner
@@ -181,9 +197,23 @@ def test_attention_overlay_shape_and_peak():
     ys, xs = np.nonzero(red)
     assert red.any() and ys.max() < 70 * 2 / 7 and xs.min() > 140 * 5 / 7, (ys.max(), xs.min())
     assert red.sum() > (140 / 7) * (70 / 7) / 2  # a smooth blob around the cell, not one blocky pixel
-    from captioner.ui import ATTENTION_LABEL
 
-    assert "own minimum" in ATTENTION_LABEL and "maximum, red" in ATTENTION_LABEL
+
+def test_attention_levels_are_absolute_unless_stretched():
+    """Issue 24: one scale for every map (0 to 3x uniform), so a flat map looks flat; stretch is the old view."""
+    from captioner.ui import ATTENTION_SCALE, attention_levels, colour_bar
+
+    uniform = np.full((7, 7), 1 / 49, np.float32)
+    assert np.allclose(attention_levels(uniform), 1 / ATTENTION_SCALE)  # flat: one colour, a third of the way
+    assert np.allclose(attention_levels(uniform * 5), 1 / ATTENTION_SCALE)  # the map is normalised to sum 1 first
+    nearly = uniform.copy()
+    nearly[0, 0] *= 1.2  # a 20% bump: invisible on the absolute scale, full range when stretched
+    assert np.ptp(attention_levels(nearly)) < 0.1 and np.isclose(np.ptp(attention_levels(nearly, stretch=True)), 1)
+    one_hot = np.zeros((7, 7), np.float32)
+    one_hot[3, 4] = 1
+    levels = attention_levels(one_hot)
+    assert levels[3, 4] == 1 and levels.sum() == 1  # 49x uniform: the top of the scale
+    assert "uniform" in colour_bar() and "minimum" in colour_bar(stretch=True)
 
 
 # ------------------------------------------------------------------------------ batch ------

@@ -109,7 +109,27 @@ def test_image_tab(page):
     items.first.wait_for()
     assert items.count() == len(caption.split())  # one heat map per word
     assert page.locator("#alternatives").get_by_text(caption, exact=True).count() >= 1
+    assert_label_clear(page, "#attention")
+    assert "uniform" in page.locator("#attention-bar").inner_text()  # the absolute scale's colour bar
     shoot(page, "image")
+    # issue 24: the maps redraw on their own ranges when asked, and the colour bar says so
+    before = page.locator("#attention img").first.get_attribute("src")
+    page.locator("#attention-stretch input").check()
+    page.wait_for_function("(before) => { const img = document.querySelector('#attention img');"
+                           " return img && img.getAttribute('src') !== before; }", arg=before)
+    assert "minimum" in page.locator("#attention-bar").inner_text()
+    assert page.locator("#caption textarea").input_value().strip() == caption
+    page.locator("#attention-stretch input").uncheck()
+
+
+def assert_label_clear(pg, gallery: str) -> None:
+    """Issue 25 item 11: the gallery's floating label does not cover its first row, and every item shows (no
+    inner scroll box hides the last rows)."""
+    box = pg.eval_on_selector(gallery, """g => { const lab = g.querySelector('label');
+        const items = [...g.querySelectorAll('.thumbnail-item')], wrap = g.querySelector('.grid-wrap');
+        return {label: lab.getBoundingClientRect().bottom, top: Math.min(...items.map(i => i.getBoundingClientRect().top)),
+                hidden: wrap.scrollHeight > wrap.clientHeight + 2 && getComputedStyle(wrap).overflowY !== 'visible'}; }""")
+    assert box["top"] >= box["label"] - 0.5 and not box["hidden"], box
 
 
 def test_batch_tab(page, tmp_path):
@@ -121,6 +141,12 @@ def test_batch_tab(page, tmp_path):
     open_tab(page, "Batch")
     page.locator("#batch-files input[type=file]").set_input_files(files)
     page.locator('#batch-files [aria-label="broken.jpg"]').wait_for()
+    # item 11: the upload list says how many files it holds, and each row is in view or the list says to scroll
+    page.locator("#batch-count").get_by_text(f"{len(files)} files selected").wait_for()
+    count = page.locator("#batch-count").inner_text()
+    rows = page.eval_on_selector("#batch-files .file-preview-holder", """h => { const b = h.getBoundingClientRect();
+        return [...h.querySelectorAll('tr')].map(r => r.getBoundingClientRect().bottom <= b.bottom + 1); }""")
+    assert len(rows) == len(files) and (all(rows) or "scroll" in count), (rows, count)
     page.locator("#batch-button").click()
     page.locator("#batch-table").get_by_text("broken.jpg").first.wait_for()
     assert page.locator("#batch-table").get_by_text("not an image", exact=False).count() >= 1
@@ -131,6 +157,7 @@ def test_batch_tab(page, tmp_path):
     cells = gallery_cells(page, "#batch-gallery")
     assert [c["text"].split(":")[0] for c in cells] == [Path(f).name for f in files[:-1]]
     assert all(c["text"].split(": ", 1)[1] in table for c in cells)  # the whole caption, as in the table
+    assert_label_clear(page, "#batch-gallery")
     shoot(page, "batch")
 
 
@@ -179,6 +206,7 @@ def test_video_tab(page, tmp_path):
     page.locator('#video-srt a[download="photos.srt"]').wait_for()
     cells = gallery_cells(page, "#video-frames")
     assert all(re.fullmatch(r"\d\d:\d\d\.\d \S.*", c["text"]) for c in cells), cells
+    assert_label_clear(page, "#video-frames")
     shoot(page, "video")
 
 
