@@ -12,6 +12,7 @@ import csv
 import glob
 import io
 import json
+import logging
 import os
 import stat
 import sys
@@ -33,6 +34,8 @@ from .images import (MAX_PIXELS, clean_text, display_name, find_images, load_ima
 from .workers import WORKER_TIMEOUT, loader_errors
 from .workers import context as worker_context
 from .workers import start as start_workers
+
+log = logging.getLogger("captioner")
 
 if TYPE_CHECKING:  # torch, torchvision and tqdm are imported when captioning starts, not to parse arguments
     import torch
@@ -192,6 +195,14 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
         return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None], warnings
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one: a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
 def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: CaptionJob | None = None,
                   on_batch: Callable[[list[Row]], None] | None = None,
                   progress: Callable[[int], None] | None = None, **overrides: Any) -> list[Row]:
@@ -218,13 +229,20 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
     workers = min(job.workers, batches) if cap.device.type == "cpu" and batches > 1 else 0  # one batch: here
     files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side,
                    partial(cap.caption_tensors, cfg=cfg) if workers else None, job.max_pixels)
-    loader = DataLoader(files, batch_size=None, num_workers=workers, multiprocessing_context=worker_context()
-                        if workers else None, timeout=job.worker_timeout if workers else 0)
+    cpus = usable_cpus()
+    if workers > cpus:  # said once, in one line (torch's own warning is several, and said twice)
+        log.warning(f"captioner: warning: {workers} workers on {cpus} CPU{'s' if cpus != 1 else ''}: each worker "
+                    f"runs one thread, so more than {cpus} is usually slower")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        loader = DataLoader(files, batch_size=None, num_workers=workers, multiprocessing_context=worker_context()
+                            if workers else None, timeout=job.worker_timeout if workers else 0)
+        batches_in = iter(loader)  # torch checks the worker count again here
     results: list[Row] = []
     kept = lambda: f"{len(results)} images were captioned before it stopped (with -o they are kept: rerun with --resume)"  # noqa: E731
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar, \
             loader_errors("caption worker", job.worker_timeout, kept):
-        for idx, x, failed, warnings in loader:
+        for idx, x, failed, notes in batches_in:
             rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err,
                         "warning": ""} for i, err in failed}
             if x is not None:
@@ -232,7 +250,7 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
                 for i, c in zip(idx, found):
                     rows[i] = {"path": str(paths[i]), "caption": c.text, "score": float(c.score),
                                "alternatives": [[t, float(s)] for t, s in c.alternatives], "error": "",
-                               "warning": "; ".join(w for w in (warnings.get(i, ""),
+                               "warning": "; ".join(w for w in (notes.get(i, ""),
                                                                 score_warning(c.score, cfg.length_penalty)) if w)}
             batch = [rows[i] for i in sorted(rows)]
             results += batch

@@ -147,6 +147,24 @@ def test_verbose_keeps_third_party_debug_logs_out(tiny_model, tmp_path):
     assert two.returncode == 0 and "Importing" in two.stderr  # -vv: everything, for bug reports
 
 
+def test_more_workers_than_cpus_is_one_line(tiny_model, tmp_path):
+    """Bad input #21 of docs/bad-inputs-round2.md: torch's multi-line DataLoader warning, said twice, became one
+    line of ours; the captions are all there."""
+    from captioner.batch import usable_cpus
+
+    n = usable_cpus() + 1
+    for i in range(n):
+        picture(i).save(tmp_path / f"{i}.png")
+    run = cli("caption", tmp_path, "--model", tiny_model, "--backend", "torch", "--batch-size", 1, "--workers", n,
+              "--no-progress")
+    assert run.returncode == 0 and len(run.stdout.splitlines()) == n
+    lines = run.stderr.splitlines()
+    assert "UserWarning" not in run.stderr and "DataLoader" not in run.stderr, run.stderr
+    assert [line for line in lines if "warning:" in line] == [
+        f"captioner: warning: {n} workers on {n - 1} CPU{'s' if n > 2 else ''}: each worker runs one thread, "
+        f"so more than {n - 1} is usually slower"], lines
+
+
 # ---------------------------------------------------------- item 6: options that do not go together ------
 def test_topk_above_beam_and_sidecar_with_write_metadata_are_usage_errors(good_folder, tiny_model, tmp_path, capsys):
     missing = tmp_path / "no-model.pt"  # checked before anything loads: the model is never looked at
