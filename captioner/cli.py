@@ -40,7 +40,8 @@ TRAIN_RANGES: dict[str, Range] = {
     "seed": NON_NEGATIVE, "num_workers": WORKERS, "time_limit_min": Range(float, 0), "scst_samples": POSITIVE,
     "scst_bleu": Range(float, 0), "ram_gb": Range(float, 0), "threads": Range(int, 0, 1024),
 }
-TRAIN_CHOICES: dict[str, tuple] = {"grid": (7, 14), "resize": ("crop", "squash"), "penalty": ("mean", "sum")}
+TRAIN_CHOICES: dict[str, tuple] = {"grid": (7, 14), "resize": ("crop", "squash"), "penalty": ("mean", "sum"),
+                                   "init_state": ("image", "learned")}
 
 
 def train_fields() -> list[tuple[str, Any, str]]:

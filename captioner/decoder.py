@@ -5,7 +5,7 @@ Per step t, with annotation vectors a_1..a_L and previous word y_{t-1}:
   alpha = softmax(e_t);   z_t = beta_t * sum_i alpha_ti a_i,  beta_t = sigmoid(f_beta(h_{t-1}))
   h_t, c_t = LSTM([E y_{t-1}; z_t], (h_{t-1}, c_{t-1}))
   p(y_t) = softmax(L_o(E y_{t-1} + L_h h_t + L_z z_t))  (deep output layer)
-h_0, c_0 come from the mean annotation vector. The doubly stochastic regulariser
+h_0, c_0 come from the mean annotation vector (or are learned constants: init_state). The doubly stochastic regulariser
 lambda * sum_i (1 - sum_t alpha_ti)^2, or its per-cell form, is computed by `attention_penalty`.
 """
 
@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c); for a GRU c is unused (zeros)
+
+
+INIT_STATES = ("image", "learned")
 
 
 @dataclass
@@ -31,6 +34,7 @@ class DecoderConfig:
     cell: str = "lstm"  # lstm | gru
     tie_weights: bool = True  # share the word embedding with the output layer L_o
     attributes: int = 0  # >0: condition h0/c0 on the encoder's ImageNet class probabilities (Yao et al. 2017)
+    init_state: str = "image"  # h0/c0 from the mean annotation (image) or learned constants (learned): then the image reaches the LSTM only through attention
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +45,8 @@ class Decoder(nn.Module):
         super().__init__()
         if cfg.cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', not {cfg.cell!r}")
+        if cfg.init_state not in INIT_STATES:
+            raise ValueError(f"init_state must be one of {INIT_STATES}, not {cfg.init_state!r}")
         self.cfg = cfg
         d = cfg.feat_proj or cfg.feat_dim
         self.proj = nn.Sequential(nn.Linear(cfg.feat_dim, d), nn.ReLU(), nn.Dropout(cfg.dropout)) if cfg.feat_proj else nn.Identity()
@@ -70,7 +76,7 @@ class Decoder(nn.Module):
         """feats (B, L, feat_dim) -> projected annotations, their attention keys, (h0, c0)."""
         a = self.proj(feats)
         keys = self.att_feat(a)
-        mean = a.mean(1)
+        mean = a.mean(1) if self.cfg.init_state == "image" else torch.zeros_like(a[:, 0])  # learned: the biases alone
         h, c = self.init_h(mean), self.init_c(mean)
         if self.cfg.attributes:
             probs = self.drop(torch.softmax(self.classifier(feats.mean(1)), dim=1))

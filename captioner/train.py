@@ -62,6 +62,7 @@ class TrainConfig:
     cell: str = "lstm"  # lstm or gru
     tie_weights: bool = True  # share the word embedding with the output layer
     attributes: bool = False  # condition on ImageNet class probabilities (needs a classifier head, grid 7)
+    init_state: str = "image"  # the LSTM's first state: from the mean annotation vector (image) or learned constants (learned: the image reaches the decoder through attention only)
     epochs: int = 30  # at most this many epochs
     batch_size: int = 64  # captions per batch (per process under torchrun)
     per_image: bool = True  # batches of whole images with all their captions (each image projected once), not of single captions
@@ -229,7 +230,8 @@ def _new_decoder(cfg: TrainConfig, vocab_size: int, encoder: Encoder, init: dict
                                  f"not {encoder.dim}")
         return decoder
     dcfg = DecoderConfig(vocab_size, encoder.dim, cfg.feat_proj, cfg.embed_dim, cfg.hidden_dim, cfg.attn_dim,
-                         cfg.dropout, cfg.cell, cfg.tie_weights, attributes=_classifier_size(encoder, cfg))
+                         cfg.dropout, cfg.cell, cfg.tie_weights, attributes=_classifier_size(encoder, cfg),
+                         init_state=cfg.init_state)
     decoder = Decoder(dcfg)
     if dcfg.attributes:
         decoder.classifier.load_state_dict(encoder.net.classifier.state_dict())

@@ -112,3 +112,19 @@ def test_a_model_trained_on_scenes_looks_at_the_object_it_names(tmp_path):
     print(f"{sum(hits)}/{len(hits)} object words with the peak inside the box; {caps[0].text!r}")
     assert len(hits) >= len(tests)  # it names them
     assert sum(hits) >= 0.8 * len(hits)
+
+
+def test_learned_initial_state_does_not_see_the_image():
+    """--init-state learned: h0/c0 are the same for every image (the image reaches the LSTM through attention
+    only); the default still starts from the mean annotation, and a config without the field loads as before."""
+    from captioner.decoder import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    feats = torch.rand(2, 49, 32)
+    for init, same in (("learned", True), ("image", False)):
+        dec = Decoder(DecoderConfig(20, 32, 16, 8, 16, 8, init_state=init)).eval()
+        _, _, (h, c) = dec.prepare(feats)
+        assert torch.equal(h[0], h[1]) == same and torch.equal(c[0], c[1]) == same
+    assert DecoderConfig(20, 32).init_state == "image"
+    with pytest.raises(ValueError, match="init_state"):
+        Decoder(DecoderConfig(20, 32, init_state="zeros"))
