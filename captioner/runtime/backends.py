@@ -28,15 +28,16 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
+from ..errors import CaptionerError
 from .compiled import cache_root
-from .errors import CaptionerError
 
-if TYPE_CHECKING:
-    from .model import Captioner
+# What these functions read and wire: the pipeline's Captioner (its encoder, decoder, device, input size and
+# model id; use_backend sets its runtimes). Not imported: the runtime sits below the facade that uses it.
+Captioner = Any
 
 log = logging.getLogger("captioner")
 CHOICE_FORMAT = "captioner-backend/2"
@@ -60,7 +61,7 @@ class Choice:
 
 
 def cpu_identity() -> dict[str, Any]:
-    from .cpu import describe
+    from ..cpu import describe
 
     return {"cpu": describe(), "kernels": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
 
@@ -71,7 +72,7 @@ def _versions() -> dict[str, Any]:
     return {"torch": torch.__version__, "onnxruntime": onnxruntime_version()}
 
 
-def choice_path(cap: "Captioner", root: Path | None = None) -> Path:
+def choice_path(cap: Captioner, root: Path | None = None) -> Path:
     """Where auto's measurement for this CPU, these networks (encoder prepared fp32) and versions is kept."""
     from .onnx_decoder import export_key as decoder_key
     from .onnx_encoder import export_key
@@ -81,7 +82,7 @@ def choice_path(cap: "Captioner", root: Path | None = None) -> Path:
     return (root or cache_root()) / "backend" / f"choice-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
-def _fixed(cap: "Captioner") -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+def _fixed(cap: Captioner) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
     """auto's (backend, reason) for the encoder and for the decoder where there is nothing to measure, else None."""
     from .onnx_encoder import onnxruntime_version
 
@@ -101,7 +102,7 @@ def _fixed(cap: "Captioner") -> tuple[tuple[str, str] | None, tuple[str, str] | 
     return encoder, decoder
 
 
-def known_choice(cap: "Captioner", root: Path | None = None) -> Choice | None:
+def known_choice(cap: Captioner, root: Path | None = None) -> Choice | None:
     """auto's answer without measuring: fixed, or read from the cache; None when it has not been measured."""
     encoder, decoder = _fixed(cap)
     if encoder is not None and decoder is not None:
@@ -139,7 +140,7 @@ def _best_of(runs: dict[str, Callable[[], Any]], repeat: int = 1) -> dict[str, f
     return best
 
 
-def measure(cap: "Captioner", onnx: Any) -> dict[str, float]:
+def measure(cap: Captioner, onnx: Any) -> dict[str, float]:
     """ms per image of the torch-prepared copy of cap's fp32 encoder and of the onnx encoder `onnx`, on batches of
     MEASURE_BATCH synthetic images (_best_of)."""
     net = copy.deepcopy(cap.encoder).prepare_inference(cap.device)  # bf16 where fast: what torch would run
@@ -149,7 +150,7 @@ def measure(cap: "Captioner", onnx: Any) -> dict[str, float]:
 
 
 @torch.no_grad()
-def measure_decoder(cap: "Captioner", onnx: Any) -> dict[str, float]:
+def measure_decoder(cap: Captioner, onnx: Any) -> dict[str, float]:
     """ms per step of MEASURE_BATCH x 3 rows (beam 3) for the torch decoder and for the onnx step `onnx`, on
     synthetic annotation vectors of the encoder's grid (_best_of, MEASURE_STEPS steps per round)."""
     cfg, grid = cap.decoder.cfg, cap.encoder.config.grid
@@ -170,7 +171,7 @@ def _verdict(ms: dict[str, float]) -> tuple[str, str]:
     return "torch", "measured: torch was the faster"
 
 
-def choose(cap: "Captioner", root: Path | None = None) -> Choice:
+def choose(cap: Captioner, root: Path | None = None) -> Choice:
     """auto's backends for cap (its encoder prepared fp32): the cached answer, else measured now and cached. A
     network whose export cannot be made (an unwritable cache, a graph the exporter cannot handle) stays torch."""
     from .onnx_decoder import onnx_decoder
@@ -220,7 +221,7 @@ def _save(choice: Choice, path: Path) -> None:
         log.warning("cannot keep the backend measurement in %s (%s)", path.parent, exc.strerror or exc)
 
 
-def use_backend(cap: "Captioner", backend: str, int8: bool = False, root: Path | None = None) -> str:
+def use_backend(cap: Captioner, backend: str, int8: bool = False, root: Path | None = None) -> str:
     """Prepare cap's networks for `backend` (auto, torch, onnx, compiled) and run them so from here on; int8: the
     calibrated int8 onnx encoder (auto + int8 = the int8 encoder, the decoder as auto chooses). Returns the
     encoder's backend ('onnx-int8' for int8); cap.decoder_backend is the decoder's. cap's encoder must not be
@@ -260,51 +261,3 @@ def use_backend(cap: "Captioner", backend: str, int8: bool = False, root: Path |
     cap._warm = False
     log.debug("runtimes: encoder %s, decoder step %s", cap.backend, decoder)
     return cap.backend
-
-
-def info(model: Path | None, measure_now: bool = False, root: Path | None = None) -> list[str]:
-    """`captioner info`: the lines it prints. Nothing here needs the network; a model that cannot be loaded is
-    reported on its line, the others are printed all the same."""
-    from . import __version__
-    from .cpu import describe, has_fast_bf16, vector_isa
-    from .model import Captioner, default_model_path
-    from .onnx_encoder import check_int8, export_path, onnxruntime_version, read_record
-
-    ort = onnxruntime_version()
-    lines = [f"captioner {__version__}",
-             f"cpu: {describe()}",
-             f"vector ISA: {' '.join(vector_isa()) or 'none of AVX2, AVX-512, AVX512-BF16, AMX'} "
-             f"(torch kernels: {torch.backends.cpu.get_cpu_capability()})",
-             f"fast bf16: {'yes' if has_fast_bf16() else 'no'} (torch encodes in "
-             f"{'bf16' if has_fast_bf16() else 'fp32'} on this CPU)",
-             f"versions: torch {torch.__version__}, onnxruntime {ort or 'not installed'}, "
-             f"python {platform.python_version()}",
-             f"cache: {root or cache_root()}"]
-    path = Path(model) if model else default_model_path()
-    try:
-        cap = Captioner.load(path, prepare=False)
-        cap.encoder.prepare_inference(cap.device, bf16=False)
-    except CaptionerError as exc:
-        return lines + [f"model: {path} (cannot be loaded: {exc})", "backend (auto): unknown without a model"]
-    lines.append(f"model: {path} ({cap.model_id})")
-    choice = choose(cap, root) if measure_now else known_choice(cap, root)
-    if choice is None:
-        lines.append("backend (auto): not measured yet on this CPU for this model; the first `captioner caption` "
-                     "or `video` measures it (once), or run `captioner info --measure`")
-    else:
-        ms = ", ".join(f"{name} {value:.1f} ms/img" for name, value in choice.ms_per_image.items())
-        lines.append(f"encoder backend (auto): {choice.backend} ({choice.reason}"
-                     + (f"; one thread, batches of {MEASURE_BATCH}: {ms}" if ms else "") + ")")
-        ms = ", ".join(f"{name} {value:.2f} ms" for name, value in choice.decoder_ms_per_step.items())
-        lines.append(f"decoder backend (auto): {choice.decoder} ({choice.decoder_reason}"
-                     + (f"; one thread, a step of {MEASURE_BATCH * 3} rows: {ms}" if ms else "") + ")"
-                     + (f" [{choice.record}]" if choice.record else ""))
-    if ort is not None and cap.device.type == "cpu" and any(True for _ in cap.encoder.net.parameters()):
-        fp32 = export_path(cap.encoder, cap.input_size(), root)
-        try:
-            int8 = check_int8(fp32, cap.model_id)
-            lines.append(f"int8 (--int8): calibrated on {(read_record(int8) or {}).get('calibration_images', '?')} "
-                         f"images [{int8}]")
-        except CaptionerError:
-            lines.append("int8 (--int8): not calibrated (captioner calibrate FOLDER)")
-    return lines

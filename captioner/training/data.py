@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import CaptionerError
-from .images import load_image
-from .workers import WORKER_TIMEOUT, loader_errors
-from .workers import context as worker_context
+from ..errors import CaptionerError
+from ..media.images import load_image
+from ..runtime.workers import WORKER_TIMEOUT, loader_errors
+from ..runtime.workers import context as worker_context
 
 log = logging.getLogger("captioner")
 SPLITS = ("train", "val", "test")

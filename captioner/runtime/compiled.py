@@ -3,8 +3,8 @@
 torch.export + AOTInductor turn the prepared encoder (BatchNorm folded, bf16 weights: Encoder.prepare_inference)
 into a shared library packaged with its frozen weights. Building it takes ~20 s and a C++ compiler, once per
 model, torch version and CPU kind; the package is cached on disk (CAPTIONER_CACHE, else ~/.cache/captioner) and
-loads in milliseconds, so every later job pays nothing. On the 2-core AMX CPU of the README one image takes
-~3.2 instead of ~6.6 ms to encode at one thread (chunks of 8), which is how each caption worker runs it.
+loads in milliseconds, so every later job pays nothing. It encodes at one thread, as each caption worker runs
+(its speed: docs/speed.md "Figures behind the code").
 
 The package is compiled for one thread per process: its fused kernels fix their thread count at compile time
 (its oneDNN convolutions follow torch's thread setting). Features differ from the eager network's by bf16
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .encoder import Encoder
-from .errors import CaptionerError
+from ..errors import CaptionerError
+from ..model.encoder import Encoder
 
 log = logging.getLogger("captioner")
 FORMAT = "captioner-aoti/2"  # bump when what goes into the package changes (2: features and logits out)

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import CaptionerError
+from ..errors import CaptionerError
 from .images import clean_text, display_name, path_from_text, path_text
 
 APPLICATION_ID = 0x63617074  # "capt": PRAGMA application_id, tells a captioner library from other databases
@@ -167,7 +167,7 @@ def match_expression(query: str) -> str:
     """The words of a plain-text query as an FTS5 expression: each word quoted (no operator syntax), function
     words ("on", "the": assets/stopwords.txt) left out unless there is nothing else, any word may match (OR);
     BM25 ranks photos matching more, and rarer, words first. '' when the query has no words."""
-    from .vocab import stopwords
+    from ..model.vocab import stopwords
 
     words = list(dict.fromkeys(re.findall(r"\w+", query.lower())))
     content = [w for w in words if w not in stopwords()] or words
@@ -188,8 +188,8 @@ def _relevance(caption: str, words: Sequence[str], bm25: float) -> float:
     a penalty for each query word that is there only as part of another thing: "dog" in "a hot dog" (a
     [compounds] entry of assets/tagwords.txt that the query does not name, where the word is the modifier or
     the compound is not a kind of its last word)."""
+    from ..model.vocab import tokenize
     from .tags import compounds, join_compounds
-    from .vocab import tokenize
 
     tokens = tokenize(caption)
     score = -bm25
@@ -213,7 +213,7 @@ def search(path: Path, query: str, limit: int = 20) -> list[Row]:
     """The best `limit` photos for `query`, best first: {"path", "caption", "score", "alternatives", "rank"}
     (rank: SQLite's bm25(), lower is better, weighed by _relevance: a phrase match ranks higher, a word found
     only inside another thing's name ("dog" in "hot dog") lower)."""
-    from .vocab import stopwords
+    from ..model.vocab import stopwords
 
     con = connect(path, create=False)
     try:
@@ -268,7 +268,7 @@ def check_search_args(args: argparse.Namespace) -> None:
             if key not in ("library", "query"):
                 setattr(args, key, value)
     if not words:
-        from .cliargs import UsageError
+        from ..options import UsageError
 
         raise UsageError("the following arguments are required: QUERY", args.search_parser)
     args.query = " ".join(words)

@@ -1,6 +1,6 @@
 """Video tagging: sample frames by stream timestamps (seeking when sampling is sparse, optionally on scene
 changes), caption them in batches with an injected `caption_fn`, merge consecutive frames whose captions
-agree into timestamped segments, tag them with objects (captioner.tags: caption nouns and ImageNet labels)
+agree into timestamped segments, tag them with objects (captioner.media.tags: caption nouns and ImageNet labels)
 and write SRT / VTT / JSON / CSV.
 
 Times are seconds from the start of the video stream (its `start_time` is subtracted).
@@ -29,10 +29,10 @@ import av
 import numpy as np
 from PIL import Image
 
-from .cliargs import DEFAULT_SCENE_THRESHOLD
-from .errors import CaptionerError
+from ..errors import CaptionerError
+from ..model.vocab import tokenize
+from ..options import DEFAULT_SCENE_THRESHOLD
 from .tags import FrameCaption, Labels, Tag, tag
-from .vocab import tokenize
 
 SEEK_GAP = 1.5  # seconds: never seek over less than this
 EPS = 1e-6

@@ -12,7 +12,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable, Sequence
 
-from .vocab import stopwords, tokenize
+from ..model.vocab import stopwords, tokenize
 
 IMAGENET_TOPK = 3  # labels looked at per frame
 IMAGENET_MIN_PROB = 0.3  # and kept from this probability on (COCO: about half match a human caption's word)

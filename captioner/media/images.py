@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING
 
 from PIL import Image, ImageOps
 
-from .errors import CaptionerError
+from ..errors import CaptionerError
 
 if TYPE_CHECKING:  # torch is not imported to parse the CLI's arguments
     import torch

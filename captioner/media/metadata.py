@@ -34,11 +34,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
-from .errors import CaptionerError
+from ..errors import CaptionerError
 from .images import display_name
 
 HINT = "apt-get install libimage-exiftool-perl"
-CONFIG = Path(__file__).parent / "assets" / "exiftool.config"
+CONFIG = Path(__file__).parents[1] / "assets" / "exiftool.config"
 EMBED = frozenset({"JPEG", "TIFF", "PNG", "WEBP", "GIF"})  # file types whose own metadata is written
 WITH_EXIF = frozenset({"JPEG", "TIFF"})  # ... and those that also get EXIF ImageDescription
 DESCRIPTIONS = ("XMP-dc:Description", "XMP-iptcCore:AltTextAccessibility", "IFD0:ImageDescription",
@@ -168,7 +168,7 @@ def sidecar_path(path: Path) -> Path:
 
 def assignments(caption: str, model: str, file_type: str, iptc: bool) -> list[str]:
     """exiftool arguments that write `caption` into a file of `file_type` ("XMP" for a sidecar)."""
-    from . import __version__
+    from .. import __version__
 
     now = datetime.now(timezone.utc).strftime("%Y:%m:%d %H:%M:%S+00:00")
     args = [f"-XMP-dc:Description-x-default={caption}", f"-XMP-iptcCore:AltTextAccessibility-x-default={caption}",
@@ -223,7 +223,7 @@ class MetadataOptions:
 
 
 class MetadataWriter:
-    """Called with each batch of result rows (captioner.batch): writes the good rows' captions, or with
+    """Called with each batch of result rows (captioner.pipeline.batch): writes the good rows' captions, or with
     dry_run prints what it would write. A file that cannot be written gets `error` set in its row.
     `stamps` holds each file's os.stat from before it was captioned: a file that differs at write time
     changed during the run and is not written. After a write, its stamp is the new file's."""

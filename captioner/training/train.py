@@ -23,19 +23,35 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Subset,
+)
 
-from .data import CaptionPairs, ImageViews, Item, TextPairs, cache_features, collate, load_dataset, load_text_only
-from .decoder import PENALTIES, Decoder, DecoderConfig, attention_penalty
-from .encoder import Encoder, EncoderConfig, augment_transform
-from .errors import CaptionerError
+from ..errors import CaptionerError
+from ..model.checkpoint import build_decoder, load_checkpoint, save_checkpoint
+from ..model.decoder import PENALTIES, Decoder, DecoderConfig, attention_penalty
+from ..model.encoder import Encoder, EncoderConfig, augment_transform
+from ..model.search import SearchConfig, search
+from ..model.vocab import Vocab, tokenize
+from ..runtime.workers import WORKER_TIMEOUT
+from ..runtime.workers import context as worker_context
+from .data import (
+    CaptionPairs,
+    ImageViews,
+    Item,
+    TextPairs,
+    cache_features,
+    collate,
+    load_dataset,
+    load_text_only,
+)
 from .metrics import CiderD, attention_stats, score_captions
-from .model import build_decoder, load_checkpoint, save_checkpoint
 from .scst import scst_epoch
-from .search import SearchConfig, search
-from .vocab import Vocab, tokenize
-from .workers import WORKER_TIMEOUT
-from .workers import context as worker_context
 
 log = logging.getLogger("captioner")
 
@@ -283,58 +299,81 @@ def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: t
     return total / max(steps, 1)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train and return the path of the best checkpoint (by validation BLEU-4)."""
-    called = time.time()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    rank, world = _dist()
-    device = torch.device(cfg.device if not cfg.device.startswith("cuda") or not distributed
-                          else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    out = Path(cfg.out)
-    last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "log.jsonl"
-    set_seed(cfg.seed)
-
+def _check(cfg: TrainConfig, distributed: bool) -> None:
+    """Settings that do not go together: one CaptionerError before anything is read."""
     if cfg.scst and (distributed or cfg.finetune or cfg.text_ratio):
         raise CaptionerError("--scst does not go with torchrun, --finetune or --text-ratio yet")
     if cfg.penalty not in PENALTIES:
         raise CaptionerError(f"--penalty must be one of {', '.join(PENALTIES)}, not {cfg.penalty!r}")
     if cfg.scst and cfg.scst_samples < 2:
         raise CaptionerError("--scst-samples must be at least 2 (each sample's baseline is the mean of the others)")
-    init = load_checkpoint(cfg.init) if cfg.init else None
-    if init is not None:
-        cfg = _from_init(cfg, init)
-    items = gather_items(cfg.data)
-    texts = [t for spec in cfg.data for t in load_text_only(spec)] if cfg.text_ratio else []
-    state: dict[str, Any] | None = None
+    if cfg.finetune and distributed:
+        raise CaptionerError("--finetune is not supported under torchrun yet (encoder gradients are not synchronised)")
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between epochs (built by `_set_up`)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    vocab: Vocab
+    encoder: Encoder
+    decoder: Decoder
+    model: nn.Module  # the decoder, or its DDP wrapper
+    optim: torch.optim.Optimizer
+    sched: Any
+    ema: AveragedModel | None
+    tuned: list  # encoder parameters being fine-tuned (empty: frozen)
+    head: Any  # the encoder's tuned head that turns cached trunk activations into features, or None
+    dataset: CaptionPairs
+    images: ImageViews
+    sampling: torch.Generator
+    text_pairs: TextPairs
+    n_text: int
+    criterion: nn.Module
+    cider: CiderD | None
+    scfg: SearchConfig
+    val_feats: np.ndarray
+    val_items: list[Item]
+    config: dict[str, Any]
+    ts: dict[str, Any]  # epoch, best, best_epoch, bad_epochs, elapsed: what resumes
+
+
+def _vocab_and_state(cfg: TrainConfig, init: dict[str, Any] | None, items: list[Item], texts: list[str],
+                     last_path: Path, resume: bool) -> tuple[Vocab, dict[str, Any] | None]:
+    """The vocabulary (from the run being resumed, the --init model, or the training captions) and, when
+    resuming, the last checkpoint."""
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
-        vocab = Vocab.from_dict({"itos": state["vocab"]})
-        done = state["train_state"]
-        log.info("resuming from %s (epoch %d done)", last_path, done["epoch"])
-        if done["epoch"] >= cfg.epochs or done["bad_epochs"] >= cfg.patience:  # finished: nothing to redo
-            log.info("%s already finished (best validation BLEU-4 %.4f at epoch %d)", out, done["best"], done["best_epoch"])
-            if distributed:
-                dist.destroy_process_group()
-            return best_path
-    elif init is not None:
-        vocab = Vocab.from_dict({"itos": init["vocab"]})
-    else:
-        vocab = Vocab.build([*(c for it in items if it.split == "train" for c in it.captions), *texts], cfg.min_count)
+        log.info("resuming from %s (epoch %d done)", last_path, state["train_state"]["epoch"])
+        return Vocab.from_dict({"itos": state["vocab"]}), state
+    if init is not None:
+        return Vocab.from_dict({"itos": init["vocab"]}), None
+    return Vocab.build([*(c for it in items if it.split == "train" for c in it.captions), *texts], cfg.min_count), None
 
+
+def _finished(cfg: TrainConfig, state: dict[str, Any] | None) -> bool:
+    done = state["train_state"] if state is not None else None
+    return done is not None and (done["epoch"] >= cfg.epochs or done["bad_epochs"] >= cfg.patience)
+
+
+def _set_up(cfg: TrainConfig, vocab: Vocab, items: list[Item], texts: list[str], init: dict[str, Any] | None,
+            state: dict[str, Any] | None, device: torch.device, distributed: bool) -> Run:
+    """Features cached and opened, the decoder, optimiser, scheduler and EMA built (or restored from `state`)."""
+    rank, world = _dist()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     encoder = caching_encoder(cfg)
-    if cfg.finetune and distributed:
-        raise CaptionerError("--finetune is not supported under torchrun yet (encoder gradients are not synchronised)")
     train_views = split_features(items, "train", encoder, cfg, cfg.views)  # under torchrun: a shard per rank
     val_feats = split_features(items, "val", encoder, cfg)[0]
     val_items = [it for it in items if it.split == "val"]
     train_caps = [[vocab.encode(c, cfg.max_len) for c in it.captions] for it in items if it.split == "train"]
 
     decoder = _new_decoder(cfg, len(vocab), encoder, init).to(device)
-    dcfg = decoder.cfg
     optim = torch.optim.Adam(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     encoder.to(device)
     tuned = [p for m in encoder.finetune_modules() for p in m.parameters()]
@@ -369,73 +408,136 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     n_text = min(len(text_pairs), round(cfg.text_ratio * len(dataset.pairs)))
     criterion = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=cfg.label_smoothing)
     scfg = SearchConfig(beam=cfg.beam, max_len=cfg.max_len, length_penalty=cfg.length_penalty)
-    config = {"encoder": encoder.config.to_dict(), "decoder": dcfg.to_dict(), "train": cfg.to_dict(),
+    config = {"encoder": encoder.config.to_dict(), "decoder": decoder.cfg.to_dict(), "train": cfg.to_dict(),
               "search": asdict(scfg), "data": {"train_images": len(train_caps), "val_images": len(val_items),
                                                     "text_only_captions": len(texts)}}
-    started = time.time() - ts["elapsed"]
-    head = encoder.head if tuned else None
+    return Run(cfg, Path(cfg.out), device, rank, world, vocab, encoder, decoder, model, optim, sched, ema, tuned,
+               encoder.head if tuned else None, dataset, images, sampling, text_pairs, n_text, criterion, cider,
+               scfg, val_feats, val_items, config, ts)
 
+
+def _train_one_epoch(run: Run, epoch: int) -> float | None:
+    """One epoch of teacher forcing, or of self-critical training under --scst; epoch 0 (after --init) trains
+    nothing. Returns the mean loss (or reward)."""
+    cfg = run.cfg
+    if epoch == 0:
+        return None
+    if run.cider is not None:
+        loader = image_loader(run.images, cfg, epoch)
+        run.sampling.manual_seed(cfg.seed * 1000 + epoch)
+        return scst_epoch(run.decoder, loader, run.optim, run.cider, run.vocab, cfg.scst_samples, cfg.max_len,
+                          cfg.grad_clip, run.device, f"epoch {epoch} (scst)", run.rank == 0, run.sampling, run.ema,
+                          bleu_weight=cfg.scst_bleu)
+    loader = epoch_loader(run.dataset, run.text_pairs, run.n_text, cfg, epoch, run.vocab.pad, run.rank, run.world)
+    return train_epoch(run.model, run.decoder, loader, run.optim, run.criterion, cfg, run.vocab.pad, run.device,
+                       f"epoch {epoch}", run.rank == 0, run.tuned, run.head, run.ema)
+
+
+def _validate(run: Run, distributed: bool) -> tuple[float, dict[str, float]]:
+    """Validation by real beam decoding of the weights that would be saved (the EMA's when on), on rank 0;
+    BLEU-4 (what selects the best epoch) is shared with every rank."""
+    score, metrics = torch.zeros(1), {}
+    if run.rank == 0:
+        maps: list = []
+        hyps = decode_features(_final(run), run.vocab, run.val_feats, run.scfg, run.device, head=run.head, maps=maps)
+        metrics = score_captions(hyps, [it.captions for it in run.val_items]) | attention_stats(maps)
+        score[0] = metrics["BLEU-4"]
+    if distributed:
+        dist.broadcast(score, 0)
+    return float(score[0]), metrics
+
+
+def _final(run: Run) -> nn.Module:
+    return run.ema.module if run.ema is not None else run.decoder  # the weights that are validated and saved
+
+
+def _select(run: Run, epoch: int, bleu4: float, started: float) -> bool:
+    """LR schedule and model selection on validation BLEU-4: whether this epoch is the best so far."""
+    run.sched.step(bleu4)
+    improved = bleu4 > run.ts["best"]
+    run.ts.update(epoch=epoch, elapsed=time.time() - started)
+    if improved:
+        run.ts.update(best=bleu4, best_epoch=epoch, bad_epochs=0)
+    else:
+        run.ts["bad_epochs"] += 1
+    return improved
+
+
+def _save(run: Run, epoch: int, loss: float | None, metrics: dict[str, float], improved: bool,
+          timing: dict[str, float]) -> None:
+    """Rank 0: the epoch's line in log.jsonl, best.pt when it improved, and last.pt (what --resume reads)."""
+    figure = "reward" if run.cider is not None else "loss"  # self-critical epochs report their mean reward
+    record = {"epoch": epoch, figure: loss, "lr": run.optim.param_groups[0]["lr"],
+              "elapsed_s": round(run.ts["elapsed"], 1), **timing,
+              **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
+    log.info("epoch %d %s %s val BLEU-4 %.4f CIDEr-D %s attention peak %.3f lr %.1e%s", epoch, figure,
+             "-" if loss is None else f"{loss:.3f}", metrics["BLEU-4"], f"{metrics.get('CIDEr-D', float('nan')):.3f}",
+             metrics["attention_peak"], record["lr"], " *" if improved else "")
+    run.out.mkdir(parents=True, exist_ok=True)
+    with (run.out / "log.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    weights = {"vocab": run.vocab.itos, "decoder": {k: v.detach().cpu() for k, v in _final(run).state_dict().items()}}
+    if run.tuned:
+        weights["encoder"] = run.encoder.finetune_state()
+    if improved:
+        save_checkpoint(run.out / "best.pt", {"config": {**run.config, "val": record}, **weights})
+    extra = {"ema": run.ema.state_dict(), "raw": run.decoder.state_dict()} if run.ema is not None else {}
+    save_checkpoint(run.out / "last.pt", {"config": run.config, **weights, "train_state": {
+        **run.ts, "optimizer": run.optim.state_dict(), "scheduler": run.sched.state_dict(), **extra}})
+
+
+def _stop(run: Run, epoch: int) -> bool:
+    """Early stopping (no better validation BLEU-4 for --patience epochs) and --time-limit-min."""
+    cfg, ts = run.cfg, run.ts
+    if ts["bad_epochs"] >= cfg.patience:
+        log.info("early stop: no better validation BLEU-4 for %d epochs (best %.4f at epoch %d)",
+                 cfg.patience, ts["best"], ts["best_epoch"])
+        return True
+    if cfg.time_limit_min and ts["elapsed"] > cfg.time_limit_min * 60:
+        log.info("time limit reached after epoch %d", epoch)
+        return True
+    return False
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train and return the path of the best checkpoint (by validation BLEU-4): set-up, then per epoch train,
+    validate, select, save, until the last epoch, early stopping or the time limit."""
+    called = time.time()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    device = torch.device(cfg.device if not cfg.device.startswith("cuda") or not distributed
+                          else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    best_path = Path(cfg.out) / "best.pt"
+    set_seed(cfg.seed)
+    _check(cfg, distributed)
+    init = load_checkpoint(cfg.init) if cfg.init else None
+    if init is not None:
+        cfg = _from_init(cfg, init)
+    items = gather_items(cfg.data)
+    texts = [t for spec in cfg.data for t in load_text_only(spec)] if cfg.text_ratio else []
+    vocab, state = _vocab_and_state(cfg, init, items, texts, Path(cfg.out) / "last.pt", resume)
+    if _finished(cfg, state):  # `make model` reruns a finished run: nothing to redo
+        done = state["train_state"]
+        log.info("%s already finished (best validation BLEU-4 %.4f at epoch %d)", cfg.out, done["best"], done["best_epoch"])
+        if distributed:
+            dist.destroy_process_group()
+        return best_path
+
+    run = _set_up(cfg, vocab, items, texts, init, state, device, distributed)
+    started = time.time() - run.ts["elapsed"]
     # from --init, "epoch 0" validates the starting weights first: best.pt only changes if training beats them
-    first = 0 if init is not None and state is None else ts["epoch"] + 1
+    first = 0 if init is not None and state is None else run.ts["epoch"] + 1
     for epoch in range(first, cfg.epochs + 1):
         epoch_start = time.time()
         startup = {"startup_s": round(epoch_start - called, 1)} if epoch == first else {}  # caches opened/copied
-        if epoch == 0:
-            loss = None
-        elif cider is not None:
-            loader = image_loader(images, cfg, epoch)
-            sampling.manual_seed(cfg.seed * 1000 + epoch)
-            loss = scst_epoch(decoder, loader, optim, cider, vocab, cfg.scst_samples, cfg.max_len, cfg.grad_clip,
-                              device, f"epoch {epoch} (scst)", rank == 0, sampling, ema, bleu_weight=cfg.scst_bleu)
-        else:
-            loader = epoch_loader(dataset, text_pairs, n_text, cfg, epoch, vocab.pad, rank, world)
-            loss = train_epoch(model, decoder, loader, optim, criterion, cfg, vocab.pad, device, f"epoch {epoch}",
-                               rank == 0, tuned, head, ema)
-
+        loss = _train_one_epoch(run, epoch)
         train_s = time.time() - epoch_start
-        # validation by real decoding (rank 0), shared with every rank
-        score = torch.zeros(1)
-        final = ema.module if ema is not None else decoder  # the weights that are validated and saved
-        if rank == 0:
-            maps: list = []
-            hyps = decode_features(final, vocab, val_feats, scfg, device, head=head, maps=maps)
-            metrics = score_captions(hyps, [it.captions for it in val_items]) | attention_stats(maps)
-            score[0] = metrics["BLEU-4"]
-        if distributed:
-            dist.broadcast(score, 0)
-        bleu4 = float(score[0])
-        sched.step(bleu4)
-        improved = bleu4 > ts["best"]
-        ts.update(epoch=epoch, elapsed=time.time() - started)
-        if improved:
-            ts.update(best=bleu4, best_epoch=epoch, bad_epochs=0)
-        else:
-            ts["bad_epochs"] += 1
-        if rank == 0:
-            figure = "reward" if cider is not None else "loss"  # self-critical epochs report their mean reward
-            record = {"epoch": epoch, figure: loss, "lr": optim.param_groups[0]["lr"],
-                      "elapsed_s": round(ts["elapsed"], 1), "train_s": round(train_s, 1), **startup,
-                      **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
-            log.info("epoch %d %s %s val BLEU-4 %.4f CIDEr-D %s attention peak %.3f lr %.1e%s", epoch, figure,
-                     "-" if loss is None else f"{loss:.3f}", bleu4, f"{metrics.get('CIDEr-D', float('nan')):.3f}",
-                     metrics["attention_peak"], record["lr"], " *" if improved else "")
-            out.mkdir(parents=True, exist_ok=True)
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            weights = {"vocab": vocab.itos, "decoder": {k: v.detach().cpu() for k, v in final.state_dict().items()}}
-            if tuned:
-                weights["encoder"] = encoder.finetune_state()
-            if improved:
-                save_checkpoint(best_path, {"config": {**config, "val": record}, **weights})
-            extra = {"ema": ema.state_dict(), "raw": decoder.state_dict()} if ema is not None else {}
-            save_checkpoint(last_path, {"config": config, **weights, "train_state": {
-                **ts, "optimizer": optim.state_dict(), "scheduler": sched.state_dict(), **extra}})
-        if ts["bad_epochs"] >= cfg.patience:
-            log.info("early stop: no better validation BLEU-4 for %d epochs (best %.4f at epoch %d)",
-                     cfg.patience, ts["best"], ts["best_epoch"])
-            break
-        if cfg.time_limit_min and ts["elapsed"] > cfg.time_limit_min * 60:
-            log.info("time limit reached after epoch %d", epoch)
+        bleu4, metrics = _validate(run, distributed)
+        improved = _select(run, epoch, bleu4, started)
+        if run.rank == 0:
+            _save(run, epoch, loss, metrics, improved, {"train_s": round(train_s, 1), **startup})
+        if _stop(run, epoch):
             break
     if distributed:
         dist.barrier()

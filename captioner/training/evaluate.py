@@ -11,13 +11,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import CaptionerError
+from ..model.encoder import image_transform
+from ..model.vocab import tokenize
+from ..pipeline.captioner import Captioner
 from .data import Item, cache_features
-from .encoder import image_transform
-from .errors import CaptionerError
 from .metrics import attention_stats, caption_faults, coco_bleu, score_captions
-from .model import Captioner
 from .train import gather_items
-from .vocab import tokenize
 
 
 @dataclass

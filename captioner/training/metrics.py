@@ -2,7 +2,7 @@
 
 BLEU and ROUGE-L are on a 0-1 scale (not 0-100). CIDEr-D is reported exactly as
 coco-caption does (mean over images of 10 x cosine similarity, so 0-10; good COCO
-models score about 1). Every string is tokenised with `captioner.vocab.tokenize`.
+models score about 1). Every string is tokenised with `captioner.model.vocab.tokenize`.
 
 * `coco_bleu`: pure-Python BLEU identical to coco-caption's `BleuScorer` with
   option="closest" (the numbers papers report).
@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Sequence
 
 from captioner.errors import CaptionerError
-from captioner.vocab import UNK, stopwords, tokenize
+from captioner.model.vocab import UNK, stopwords, tokenize
 
 Tokens = Sequence[str]
 _SMALL, _TINY = 1e-9, 1e-15  # coco-caption's constants (`small`, `tiny`)

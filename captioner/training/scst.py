@@ -18,9 +18,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from .decoder import Decoder
+from ..model.decoder import Decoder
+from ..model.vocab import Vocab
 from .metrics import CiderD, coco_bleu
-from .vocab import Vocab
 
 NEG = float("-inf")
 

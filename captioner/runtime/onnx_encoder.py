@@ -8,8 +8,8 @@ short, overwritten) or whose record is missing is rebuilt, never run. Both are w
 renamed, under a lock, so that two processes never see half a file.
 
 The graph gives the annotation vectors only (B, L, D): what `Captioner.encode` returns (a decoder with attributes
-computes its class logits from the pooled features itself). On an AVX2 EPYC at one thread it runs 21 ms/img
-against 37 for the prepared torch network, with features equal to ~3e-5 (issue 18).
+computes its class logits from the pooled features itself). Its features equal the torch network's to ~3e-5;
+its speed against torch per CPU: docs/speed.md "Figures behind the code".
 
 `--int8`: `quantize` makes encoder-KEY.int8-MODEL.onnx beside it (one per captioning model) by static quantization (QDQ, int8 weights per channel,
 uint8 activations), calibrated on real images (`captioner calibrate FOLDER`); it is opt-in, and refused with one
@@ -34,9 +34,9 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from ..errors import CaptionerError
+from ..model.encoder import Encoder
 from .compiled import cache_root
-from .encoder import Encoder
-from .errors import CaptionerError
 
 log = logging.getLogger("captioner")
 FORMAT = "captioner-onnx/1"  # bump when what goes into the export changes
@@ -362,7 +362,12 @@ def quantize(fp32: Path, batches: Iterable[torch.Tensor], model: str,
     calibration images."""
     require_ort()
     try:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
         raise CaptionerError(f"--int8 needs onnxruntime's quantization tools ({INSTALL}): {exc}") from None

@@ -30,10 +30,10 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .cliargs import BEAM, DEFAULT_SCENE_THRESHOLD, EVERY, MAX_LEN, TOPK, Range  # noqa: E402
-from .errors import CaptionerError  # noqa: E402
-from .images import IMAGE_EXTENSIONS  # noqa: E402
-from .model import Captioner  # noqa: E402
+from ..errors import CaptionerError  # noqa: E402
+from ..media.images import IMAGE_EXTENSIONS  # noqa: E402
+from ..options import BEAM, DEFAULT_SCENE_THRESHOLD, EVERY, MAX_LEN, TOPK, Range  # noqa: E402
+from ..pipeline.captioner import Captioner  # noqa: E402
 
 MiB = 2**20
 MAX_IMAGE_BYTES = 50 * MiB  # one image (image tab, each batch file)
@@ -44,7 +44,7 @@ MAX_VIDEO_FRAMES = 600
 OVERLAY_SIDE = 320  # longest side of the attention overlays
 THUMB_SIDE = 160
 GALLERY_LIMIT = 500  # thumbnails shown in the batch gallery (the table and files have every row)
-EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
+EXAMPLES_DIR = Path(__file__).parents[1] / "assets" / "examples"
 
 # Jet-like colour map: anchors at 0, .25, .5, .75, 1 (dark blue -> cyan -> yellow -> red).
 _CMAP_X = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -250,7 +250,7 @@ def _file_list(files: Any) -> list[Path]:
 
 def raw_upload(image: gr.Image) -> gr.Image:
     """Make a type="filepath" gr.Image hand the uploaded file to the function untouched (its path), so
-    that captioner.images decodes it: one loader for the CLI and the app, with its EXIF, mode, size and
+    that captioner.media.images decodes it: one loader for the CLI and the app, with its EXIF, mode, size and
     corrupt-file handling and clear messages (gr.Image would open it with PIL first and fail with a
     traceback). Patched on the instance: a gr.Image subclass would make Gradio write a .pyi stub
     next to this module at import time."""
@@ -272,7 +272,7 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
         """Caption one image. Returns the caption, a table of alternatives (caption, log-prob, per word) and one
         attention heat map per word (gallery items labelled with the word), on the absolute scale unless
         `stretch` (each map to its own range). warn=False: no toasts (a redraw of what was already said)."""
-        from .images import ImageError, load_image, size_warning
+        from ..media.images import ImageError, load_image, size_warning
 
         beam, max_len, topk = (in_range(beam, BEAM, "Beam size"), in_range(max_len, MAX_LEN, "Max length"),
                                in_range(topk, TOPK, "Alternatives"))
@@ -287,7 +287,7 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
             c = cap.caption([pil], beam=int(beam), max_len=int(max_len), topk=int(topk))[0]
         except CaptionerError as exc:
             raise user_error(_user_message(exc)) from None
-        from .search import score_warning
+        from ..model.search import score_warning
 
         for w in (size_warning(pil), score_warning(c.score, cap.search_cfg.length_penalty)):
             if w and warn:  # as the CLI says it: a toast, the caption is still shown
@@ -320,9 +320,9 @@ def caption_batch_fn(cap: Captioner, work: WorkDir, max_zip_files: int = MAX_ZIP
         """Caption many images; .zip archives are unpacked (safely) and their images captioned.
         Returns thumbnails (gallery), a table (file, caption, score, error, warning) and CSV, JSONL and SQLite files
         (the SQLite library, searchable with `captioner search`, names each photo as the table does)."""
-        from .batch import caption_files
-        from .images import ImageError, extract_zip, is_zip, to_rgb
-        from .library import LibraryWriter
+        from ..media.images import ImageError, extract_zip, is_zip, to_rgb
+        from ..media.library import LibraryWriter
+        from ..pipeline.batch import caption_files
 
         beam = in_range(beam, BEAM, "Beam size")
         paths = _file_list(files)
@@ -404,8 +404,8 @@ def caption_video_fn(cap: Captioner, work: WorkDir, max_frames: int = MAX_VIDEO_
     def caption_video(video: str | None, every: float, scenes: bool, beam: float, progress=gr.Progress()):
         """Sample frames every `every` seconds (and on scene changes), caption them, merge into segments.
         Returns the sampled frames (gallery, "mm:ss.s caption"), the segments table and SRT and VTT files."""
-        from .tags import describe, frame_captioner
-        from .video import VideoError, probe, tag_video, write_srt, write_vtt
+        from ..media.tags import describe, frame_captioner
+        from ..media.video import VideoError, probe, tag_video, write_srt, write_vtt
 
         beam = in_range(beam, BEAM, "Beam size")
         every = in_range(float(every or 0), EVERY, "Sample every (seconds)")
