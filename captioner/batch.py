@@ -29,7 +29,7 @@ from .cliargs import (BATCH_SIZE, EXIT_EPILOG, MEGAPIXELS, TOPK, WORKER_SECONDS,
                       add_backend_args, add_common_args, add_model_args, add_search_args, outcome, resolve_backend,
                       search_kwargs, show_progress)
 from .errors import CaptionerError, UsageProblem
-from .images import (MAX_PIXELS, clean_text, display_name, find_images, load_image, path_text, size_warning,
+from .images import (MAX_PIXELS, clean_text, display_name, load_image, path_text, size_warning,
                      skipped_summary, to_rgb)
 from .workers import WORKER_TIMEOUT, loader_errors
 from .workers import context as worker_context
@@ -173,7 +173,8 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
     def _one(self, i: int) -> tuple[torch.Tensor | None, str, str]:
         """(preprocessed image or None, error, warning)."""
         try:
-            image = _load(self.paths[i], self.min_side, self.max_pixels)
+            p = self.paths[i]  # a file, or an image inside a tar shard (shards.py: it loads itself)
+            image = _load(p, self.min_side, self.max_pixels) if isinstance(p, Path) else p.load(self.max_pixels)
             return self.transform(image), "", size_warning(image)
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
@@ -223,7 +224,8 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram, no_repeat_words=job.no_repeat_words)
-    paths = [Path(os.fsdecode(p)) for p in paths]  # str, PathLike or bytes (os.fsdecode: any name, losslessly)
+    paths = [p if hasattr(p, "load") else Path(os.fsdecode(p)) for p in paths]  # str, PathLike or bytes (os.fsdecode:
+    # any name, losslessly), or a shards.TarImage
     per_image, per_batch, min_side = _split_transform(cap.transform)
     batches = -(-len(paths) // max(1, job.batch_size))
     workers = min(job.workers, batches) if cap.device.type == "cpu" and batches > 1 else 0  # one batch: here
@@ -420,6 +422,7 @@ def merge_parts(out: Path, fmt: str, parts: list[Path], order: Sequence[Path], k
 
 # ------------------------------------------------------------------------------- CLI ------
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:
+    from .distributed import add_ray_args
     from .metadata import add_metadata_args
 
     p = sub.add_parser(
@@ -434,12 +437,15 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
                "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
                "process 0 merges them into OUT in sorted order, deletes the parts and sets the exit code "
                "(torchrun reports any non-zero code as a failure).")
-    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders, glob patterns (quoted)")
+    p.add_argument("inputs", nargs="*", metavar="PATH",  # "*": --ray [ADDRESS] may take the first (check_ray_args)
+                   help="image files, folders, glob patterns (quoted), WebDataset shards (.tar) and path lists "
+                        "(.txt, one path per line; .csv or .parquet with a path column; docs/scale.md)")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders; `**` in patterns")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="OUT",
-                   help="out.csv, out.jsonl, or library.sqlite: a SQLite library with a full-text index of the "
+                   help="out.csv, out.jsonl, out.parquet (also key, shard, model and each sample's json/txt), or "
+                        "library.sqlite: a SQLite library with a full-text index of the "
                         "captions (path, size, mtime, caption, alternatives, score, model, time), searched by "
-                        "`captioner search`")
+                        "`captioner search`; with --ray a folder")
     p.add_argument("--topk", type=TOPK, default=None,
                    help=f"also write the N best captions (alternatives; N <= --beam, else a usage error), {TOPK.describe()}")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help=f"images per batch, {BATCH_SIZE.describe()} (default 32)")
@@ -460,6 +466,7 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (without --resume or --overwrite an existing OUT is refused, exit 2)")
     add_metadata_args(p)
+    add_ray_args(p)
     add_model_args(p)
     add_backend_args(p, compile_alias=True)
     add_search_args(p)
@@ -468,7 +475,7 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def output_format(output: Path | None) -> str | None:
-    """csv, jsonl or sqlite by OUT's suffix (None without -o; anything else is returned for the usage error)."""
+    """csv, jsonl, parquet or sqlite by OUT's suffix (None without -o; anything else is returned for the usage error)."""
     from .library import SUFFIXES
 
     if output is None:
@@ -478,13 +485,26 @@ def output_format(output: Path | None) -> str | None:
 
 def check_caption_args(args: argparse.Namespace) -> None:
     """Options that do not go together: a UsageError (exit 2) before anything is loaded."""
-    from . import metadata
+    from . import metadata, parquet
+    from .distributed import check_ray_args
+    from .shards import is_shard
 
     world, _ = _world()
     resolve_backend(args)
+    ray = check_ray_args(args, world)  # --ray's own rules (distributed.py)
+    if not args.inputs:
+        raise UsageError("the following arguments are required: PATH")
+    if ray:
+        return
     fmt, tagging = output_format(args.output), args.write_metadata or args.sidecar
-    if args.output is not None and fmt not in (*FORMATS, "sqlite"):
-        raise UsageError(f"unknown output format {args.output.suffix or args.output.name!r}: use .csv, .jsonl or .sqlite")
+    if args.output is not None and fmt not in (*FORMATS, "parquet", "sqlite"):
+        raise UsageError(f"unknown output format {args.output.suffix or args.output.name!r}: use .csv, .jsonl, "
+                         ".parquet or .sqlite")
+    if any(is_shard(os.fsdecode(i)) for i in args.inputs) and (fmt == "sqlite" or tagging):
+        raise UsageError("images inside .tar shards go to -o out.parquet, .csv or .jsonl, not to a .sqlite library "
+                         "or image metadata")
+    if fmt == "parquet" and world > 1:
+        raise UsageError("a .parquet file is written by one process: run without torchrun (or with --ray)")
     if args.output is None and (args.resume and not tagging or world > 1):
         raise UsageError("--resume and torchrun need -o OUT (--resume also works with --write-metadata or --sidecar)")
     if fmt == "sqlite" and world > 1:
@@ -494,7 +514,8 @@ def check_caption_args(args: argparse.Namespace) -> None:
                          "captions (raise --beam)")
     if args.resume and args.overwrite:
         raise UsageError("--resume keeps OUT's rows, --overwrite replaces them: use one")
-    if args.output is not None and not (args.resume or args.overwrite) and _has_rows(args.output):
+    if args.output is not None and not (args.resume or args.overwrite) and (
+            parquet.has_rows(args.output) if fmt == "parquet" else _has_rows(args.output)):
         raise UsageProblem(f"{display_name(args.output)} exists: use --resume to add to it or --overwrite to replace it")
     problem = metadata.usage_problem(args)
     if problem:
@@ -532,11 +553,17 @@ def run_caption(args: argparse.Namespace) -> int:
     from . import metadata
     from .library import LibraryWriter
 
+    if args.ray is not None:
+        from .distributed import run_ray
+
+        return run_ray(args)
+    from .shards import gather
+
     world, rank = _world()
     tagging = metadata.metadata_options(args)
     fmt = output_format(args.output)
     skipped: list[Path] = []
-    paths, input_errors = find_images(args.inputs, args.recursive, skipped)
+    paths, input_errors, sources = gather(args.inputs, args.recursive, skipped)  # files, path lists, tar shards
     for name, msg in input_errors if rank == 0 else []:
         print(f"captioner: {name}: {msg}", file=sys.stderr)
     for p in skipped if rank == 0 and args.verbose else []:
@@ -578,6 +605,11 @@ def run_caption(args: argparse.Namespace) -> int:
         if fmt == "sqlite":
             writer = LibraryWriter(out, cap.model_id, stamps, alternatives, resume=args.resume)
             old = writer.kept(paths) if args.resume else []
+        elif fmt == "parquet":
+            from .parquet import ParquetWriter
+
+            writer = ParquetWriter(out, cap.model_id, sources, alternatives, resume=args.resume)
+            old = writer.kept()
         else:
             for f in ([out] + (_parts(out) if world > 1 else [])) if args.resume else []:
                 old += read_rows(f, fmt, fix=f == part)
@@ -586,6 +618,8 @@ def run_caption(args: argparse.Namespace) -> int:
         stack.callback(writer.close)
         results = caption_files(cap, [p for p in paths[rank::world] if path_text(p) not in done and str(p) not in done], job,
                                 lambda rows: (tag(rows), _echo(rows, False, alternatives), writer(rows)))
+    if fmt == "parquet":
+        writer.finish(paths)  # OUT written from the journal, atomically
     rows: list[Row] = old + results
     if world > 1:
         import torch.distributed as dist
