@@ -94,9 +94,10 @@ def plan(inputs: Sequence[str | os.PathLike], recursive: bool = False, shard_siz
          skipped: list[Path] | None = None) -> tuple[list[Shard], list[tuple[str, str]]]:
     """The shards of a job, and [(input, error)]: each .tar is a shard named after it (00000.tar -> 00000);
     a path list LIST.txt is cut into LIST-00000, LIST-00001, ... of shard_size paths; files and folders
-    (sorted) into images-00000, ... Two shards with one name are a UsageProblem (they would share a file)."""
+    (sorted) into images-00000, ... Two shards with one name are a UsageProblem (they would share a file). Every
+    path is made absolute here: the actors' working folders are not the driver's."""
     rest, tars, lists, errors = split_inputs(inputs, recursive)
-    shards = [Shard(Path(t).name[:-len(".tar")], "tar", t) for t in tars]
+    shards = [Shard(Path(t).name[:-len(".tar")], "tar", os.path.abspath(t)) for t in tars]
     for lst in lists:
         try:
             entries = read_path_list(lst)
@@ -105,11 +106,12 @@ def plan(inputs: Sequence[str | os.PathLike], recursive: bool = False, shard_siz
             continue
         if not entries:
             errors.append((display_name(lst), "the path list is empty"))
-        shards += _chunks(Path(lst).stem, lst, entries, shard_size)
+        entries = [(os.path.abspath(p), k) for p, k in entries]
+        shards += _chunks(Path(lst).stem, os.path.abspath(lst), entries, shard_size)
     if rest:
         found, more = find_images(rest, recursive, skipped)
         errors += more
-        shards += _chunks("images", "", [(str(p), None) for p in found], shard_size)
+        shards += _chunks("images", "", [(os.path.abspath(p), None) for p in found], shard_size)
     names: dict[str, Shard] = {}
     for s in shards:
         other = names.setdefault(s.name, s)
@@ -230,8 +232,17 @@ def _node_id() -> str:
 
 
 # --------------------------------------------------------------------------------- a job ------
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$", re.M)
+
+
 def _one_line(exc: BaseException) -> str:
-    """The last meaningful line of an error that Ray wraps with its traceback."""
+    """What went wrong, in one line. Ray passes an error raised in an actor on as text (its traceback inside a
+    RayTaskError's message): the last `Type: message` line that is not Ray's own is the cause; a CaptionerError
+    is its message alone."""
+    raised = [(t, m) for t, m in _RAISED.findall(str(exc)) if not t.startswith("ray.")]
+    if raised:
+        kind, text = raised[-1]
+        return (text if kind.endswith("CaptionerError") else f"{kind.rsplit('.', 1)[-1]}: {text}").strip()[:300]
     lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith(" ")]
     return (lines[-1] if lines else type(exc).__name__)[:300]
 
@@ -252,6 +263,8 @@ def connected(address: str | None, verbose: bool = False) -> Iterator[Any]:
     ray = _ray()
     opened = not ray.is_initialized()
     if opened:
+        if not verbose:  # the driver's C++ core logs an "E" line per Ray Data actor that is no error (docs/scale.md)
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         if not verbose:  # a new local instance's notice about its auth token
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         try:
@@ -306,6 +319,9 @@ def caption_shards(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
             report.shards.append({**done, "skipped": True})
         else:
             todo.append(s)
+    for s in todo:  # what a killed actor left half written (hidden: readers never saw it)
+        for tmp in [*out.glob(f".{s.name}.parquet.*.tmp"), *(out / MARKERS).glob(f".{s.name}.json.*.tmp")]:
+            tmp.unlink(missing_ok=True)
     if todo:
         job = CaptionJob(**(search or {}), topk=topk, batch_size=batch_size, max_pixels=max_pixels)
         args = {"out": str(out.resolve()), "model": Path(model).read_bytes() if model else None, "device": device,
@@ -328,6 +344,10 @@ def _run(ray: Any, todo: list[Shard], args: dict[str, Any], concurrency: int | N
     ctx.max_consecutive_actor_init_deaths = max_retries  # a node lost while its actor loads the model
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    # "An exception was raised from a task ...", "Exception occurred in user code ...": the CaptionerError below
+    # says what in one line (-v: Ray's own lines too)
+    for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.CRITICAL)
     size = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
     rows = [{"shard": json.dumps(asdict(s))} for s in todo]
     with warnings.catch_warnings():  # max_task_retries has no named parameter in Ray 2.60 (pinned <2.64)

@@ -187,3 +187,16 @@ def test_rerun_after_a_killed_driver_redoes_only_unfinished_shards(cluster, shar
     assert {p.stem: p.stat().st_mtime_ns for p in (out / "_done").glob("*.json") if p.stem in finished} == finished
     assert len(list((out / "_done").glob("*.json"))) == SHARDS
     print(f"cluster start-up {cluster.startup_s:.1f} s; {len(finished)} of {SHARDS} shards done before the kill")
+
+
+def test_a_shard_that_cannot_be_written_stops_the_job_with_one_line(cluster, shards, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "00001.parquet").mkdir(parents=True)  # the shard's file cannot replace a folder
+    argv = ["caption", str(shards / "*.tar"), "-o", str(out), "--ray", cluster.address, "--model", str(tiny_model),
+            "--resume", *FAST]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("captioner: error: the Ray job stopped: ") and "cannot write" in last, err[-3000:]
+    assert "rerun with --resume" in last and "Traceback" not in err
+    assert not (out / "_done" / "00001.json").exists()
