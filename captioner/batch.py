@@ -436,7 +436,8 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXIT_EPILOG + " Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
                "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
                "process 0 merges them into OUT in sorted order, deletes the parts and sets the exit code "
-               "(torchrun reports any non-zero code as a failure).")
+               "(torchrun reports any non-zero code as a failure). Many machines, with retries and per-shard resume: --ray "
+               "(docs/scale.md).")
     p.add_argument("inputs", nargs="*", metavar="PATH",  # "*": --ray [ADDRESS] may take the first (check_ray_args)
                    help="image files, folders, glob patterns (quoted), WebDataset shards (.tar) and path lists "
                         "(.txt, one path per line; .csv or .parquet with a path column; docs/scale.md)")

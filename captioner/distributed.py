@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .cliargs import UsageError, Range
 from .errors import CaptionerError, UsageProblem
 from .images import MAX_PIXELS, display_name, find_images
-from .shards import Meta, split_inputs, read_path_list, read_shard
+from .shards import Meta, read_list_input, read_shard, split_inputs
 
 RAY_HINT = "--ray needs Ray Data: pip install 'captioner[ray]' (ray[data] and pyarrow)"
 SHARD_SIZE = 1000  # images per shard made from files, folders and path lists (docs/scale.md: overhead)
@@ -100,12 +100,10 @@ def plan(inputs: Sequence[str | os.PathLike], recursive: bool = False, shard_siz
     shards = [Shard(Path(t).name[:-len(".tar")], "tar", os.path.abspath(t)) for t in tars]
     for lst in lists:
         try:
-            entries = read_path_list(lst)
+            entries = read_list_input(lst)
         except CaptionerError as exc:
             errors.append((display_name(lst), str(exc).removeprefix(display_name(lst) + ": ")))
             continue
-        if not entries:
-            errors.append((display_name(lst), "the path list is empty"))
         entries = [(os.path.abspath(p), k) for p, k in entries]
         shards += _chunks(Path(lst).stem, os.path.abspath(lst), entries, shard_size)
     if rest:

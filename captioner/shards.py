@@ -168,6 +168,19 @@ def read_path_list(path: str | os.PathLike) -> list[tuple[str, str | None]]:
     return [(str(base / p) if not os.path.isabs(p) else p, key) for p, key in rows]
 
 
+def read_list_input(path: str) -> list[tuple[str, str | None]]:
+    """read_path_list for a list named as an input: also a CaptionerError when it names no existing file at all
+    (a text file that is no path list, e.g. notes.txt caught by `captioner caption *`: one error, not a row per
+    line)."""
+    entries = read_path_list(path)
+    if not entries:
+        raise CaptionerError(f"{display_name(path)}: the path list is empty")
+    if not any(os.path.lexists(p) for p, _ in entries):
+        raise CaptionerError(f"{display_name(path)}: none of its {len(entries)} entries is an existing file "
+                             "(not a path list?)")
+    return entries
+
+
 def _parquet_list(path: Path) -> list[tuple[str, str | None]]:
     try:
         import pyarrow.parquet as pq
@@ -237,12 +250,10 @@ def gather(inputs: Sequence[str | os.PathLike], recursive: bool = False, skipped
     meta: dict[str, Meta] = {}
     for lst in lists:
         try:
-            entries = read_path_list(lst)
+            entries = read_list_input(lst)
         except CaptionerError as exc:
             errors.append((display_name(lst), str(exc).removeprefix(display_name(lst) + ": ")))
             continue
-        if not entries:
-            errors.append((display_name(lst), "the path list is empty"))
         for p, key in entries:
             items.append(Path(p))
             meta.setdefault(p, Meta(key, lst))

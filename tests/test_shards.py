@@ -85,9 +85,12 @@ def test_path_lists_txt_csv_parquet_relative_to_the_list(tmp_path):
     assert read_path_list(lists / "b.csv") == [(str(lists / "../imgs/x.jpg"), "k1"), (str(lists / "z.jpg"), "k2")]
     assert read_path_list(lists / "c.parquet") == [(str(lists / "x.jpg"), "p1"), ("/abs/q.jpg", None)]
     (lists / "bad.csv").write_text("file,key\nx.jpg,1\n")
-    items, errors, _ = gather([lists / "bad.csv", lists / "a.txt"])
-    assert errors == [(str(lists / "bad.csv"), "a path list needs a `path` column (columns: file, key)")]
-    assert len(items) == 2
+    (tmp_path / "imgs" / "x.jpg").write_bytes(b"")
+    (lists / "notes.txt").write_text("Holiday notes\nnot a path list at all\n")  # e.g. caught by `caption *`
+    items, errors, _ = gather([lists / "bad.csv", lists / "a.txt", lists / "notes.txt"])
+    assert errors == [(str(lists / "bad.csv"), "a path list needs a `path` column (columns: file, key)"),
+                      (str(lists / "notes.txt"), "none of its 2 entries is an existing file (not a path list?)")]
+    assert len(items) == 2  # a.txt: one entry exists, the other is an error row when captioned
 
 
 # ------------------------------------------------------------------------ Parquet output ------
@@ -179,6 +182,8 @@ def test_plan_names_shards_chunks_lists_and_refuses_clashes(shard_dir, good_fold
 
     lst = tmp_path / "part.txt"
     lst.write_text("\n".join(f"img{i}.jpg" for i in range(5)))
+    for i in range(5):
+        (tmp_path / f"img{i}.jpg").write_bytes(b"")
     shards, errors = plan([str(shard_dir / "*.tar"), lst, good_folder], shard_size=2)
     assert [s.name for s in shards] == ["00000", "00001", "part-00000", "part-00001", "part-00002", "images-00000",
                                         "images-00001", "images-00002"]
@@ -256,3 +261,11 @@ def test_ray_address_or_an_input():
         args = build_parser().parse_args(["caption", *argv, "-o", "out"])
         check_caption_args(args)
         assert (args.ray, args.inputs) == (address, inputs), argv
+
+
+def test_make_test_installs_the_ray_extra():
+    """CI (`make test`) installs [ray], so the cluster tests run there (tests/test_ray.py)."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet -e '.[dev,ray]'" in makefile
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"ray[data]>=2.60,<2.64"' in pyproject and '"pyarrow>=14"' in pyproject.split("[project.optional")[0]
