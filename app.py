@@ -3,7 +3,7 @@
 [--backend auto|torch|onnx|compiled] [--int8]`.
 
 Loads the model once (the packaged default unless --model), then serves the Gradio UI
-(image, batch and video tabs; each is also an API endpoint, see captioner/ui.py).
+(image, batch and video tabs; each is also an API endpoint, see captioner/app/ui.py).
 Exit code 1 with one line on stderr when the model cannot be loaded.
 """
 
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from captioner.cliargs import UsageError, add_backend_args, resolve_backend
+from captioner.options import UsageError, add_backend_args, resolve_backend
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported anywhere
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from captioner.errors import CaptionerError
-    from captioner.model import Captioner
+    from captioner.pipeline.captioner import Captioner
 
     try:
         cap = Captioner.load(args.model, args.device, backend=args.backend, int8=args.int8)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         print(f"app.py: error: cannot use device {args.device!r}: {first}", file=sys.stderr)
         return 1
-    from captioner import ui
+    from captioner.app import ui
 
     demo = ui.build_demo(cap)
     try:

@@ -1,7 +1,7 @@
 """Do captions change with another encoder backend (`--compile`, `--backend onnx`, `--int8`)?
 
 Captions a dataset split with the same model once per backend: the eager prepared torch encoder (the reference:
-bf16 on CPUs with AMX / AVX512-BF16, fp32 elsewhere), and each of --backends: compiled (captioner/compiled.py),
+bf16 on CPUs with AMX / AVX512-BF16, fp32 elsewhere), and each of --backends: compiled (captioner/runtime/compiled.py),
 onnx (fp32 in ONNX Runtime), onnx-int8 (its calibrated int8 model), fp32 (the prepared torch network without bf16,
 what onnx reproduces). For each it reports, against eager: the largest feature difference and the lowest (and
 mean) cosine between the annotation vectors, how many captions are identical (and what share), and the scores of
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from captioner.backendcli import calibration_batches, spread
+from captioner.cli.backend import calibration_batches, spread
 from captioner.cpu import describe
-from captioner.evaluate import split_items
-from captioner.images import load_image
-from captioner.metrics import score_captions
-from captioner.model import Captioner
+from captioner.training.evaluate import split_items
+from captioner.media.images import load_image
+from captioner.training.metrics import score_captions
+from captioner.pipeline.captioner import Captioner
 
 BACKENDS = ("compiled", "onnx", "onnx-int8", "fp32")
 
@@ -52,7 +52,7 @@ def load(model: Path | None, backend: str) -> Captioner:
 
 
 def calibrate(model: Path | None, data: list[str], count: int) -> dict:
-    from captioner.onnx_encoder import quantize
+    from captioner.runtime.onnx_encoder import quantize
 
     train = spread([it.image for it in split_items(data, "train")], count)
     cap = Captioner.load(model, backend="onnx")

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synth import COLOURS, SHAPES, make_object_dataset  # noqa: E402
 from test_attention import _peak_in_box  # noqa: E402
 
-from captioner.model import Captioner  # noqa: E402
-from captioner.train import TrainConfig, train  # noqa: E402
+from captioner.pipeline.captioner import Captioner  # noqa: E402
+from captioner.training.train import TrainConfig, train  # noqa: E402
 
 THE_TEST = dict(encoder="pixels", pretrained=False, feat_proj=64, embed_dim=32, hidden_dim=64, attn_dim=32,
                 dropout=0.0, min_count=1, lr=3e-3, batch_size=32, beam=1, epochs=8, patience=8, num_workers=0,

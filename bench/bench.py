@@ -81,8 +81,8 @@ def run_cli(argv: list[str], out: str) -> tuple[float, float, str, str]:
     encoder backend that ran: Captioner.backend). Captioner.load is wrapped to time it, so that model loading
     (and the backend's set-up) can be excluded; imports happen before. The backend is Captioner.runtimes
     (ENCODER/DECODER, e.g. onnx/onnx)."""
-    from captioner.cli import main
-    from captioner.model import Captioner
+    from captioner.cli.main import main
+    from captioner.pipeline.captioner import Captioner
 
     spent, loaded, original = [], [], Captioner.load.__func__
 
@@ -110,7 +110,7 @@ def backend_flags(backend: str) -> list[str]:
 
 def load_backend(backend: str):
     """The shipped (or CAPTIONER_MODEL) captioner encoding with `backend` (auto, or one of BACKENDS)."""
-    from captioner.model import Captioner
+    from captioner.pipeline.captioner import Captioner
 
     return Captioner.load(backend="onnx", int8=True) if backend == "onnx-int8" else Captioner.load(backend=backend)
 
@@ -122,9 +122,9 @@ def repeat(fn, reps: int, warmup: int) -> list[float]:
 
 def stage_encoder(args, data: Path) -> dict:
     import torch
-    from captioner.encoder import cpu_has_fast_bf16
-    from captioner.images import load_image
-    from captioner.model import ENCODE_CHUNK, Captioner
+    from captioner.model.encoder import cpu_has_fast_bf16
+    from captioner.media.images import load_image
+    from captioner.pipeline.captioner import ENCODE_CHUNK, Captioner
 
     cap = Captioner.load()  # its encoder is prepared for inference (BN folded, bf16 weights where fast)
     plain = plain_encoder(cap)
@@ -149,7 +149,7 @@ def stage_caption(args, data: Path, beam: int, backend: str = "auto") -> dict:
 
 
 def stage_latency(args, data: Path, backend: str = "auto") -> dict:
-    from captioner.images import load_image
+    from captioner.media.images import load_image
 
     cap = load_backend(backend)
     img, out = load_image(sorted(data.glob("*.jpg"))[0]), {"backend": cap.runtimes}
@@ -167,7 +167,7 @@ def stage_video(args, video: Path, every: float) -> dict:
 
 def plain_encoder(cap):
     """The model's encoder as loaded from its package: fp32, BatchNorm unfolded, no preparation."""
-    from captioner.encoder import Encoder, EncoderConfig
+    from captioner.model.encoder import Encoder, EncoderConfig
 
     return Encoder(EncoderConfig(**cap.config["encoder"])).eval()
 
@@ -223,7 +223,7 @@ def baseline_caption(cap, encoder, path: Path, k: int, max_len: int) -> str:
 
 
 def stage_baseline(args, data: Path, beam: int) -> dict:
-    from captioner.model import Captioner
+    from captioner.pipeline.captioner import Captioner
 
     cap, paths = Captioner.load(), sorted(data.glob("*.jpg"))
     enc = plain_encoder(cap)
@@ -252,11 +252,11 @@ def stage_ceiling(args, data: Path) -> dict:
     (an upper bound: side by side, the encoder alone already loses some of it). The encode step and the bound
     are also given for each other backend of --backends (the same 32 images, each backend in its own Captioner)."""
     import torch
-    from captioner.batch import _Files, _split_transform
-    from captioner.workers import context as worker_context
-    from captioner.model import Captioner
+    from captioner.pipeline.batch import _Files, _split_transform
+    from captioner.runtime.workers import context as worker_context
+    from captioner.pipeline.captioner import Captioner
 
-    from captioner.batch import use_worker_jpeg_decoder
+    from captioner.pipeline.batch import use_worker_jpeg_decoder
 
     torch.set_num_threads(1)
     cap, paths = Captioner.load(), sorted(data.glob("*.jpg"))[:32]
@@ -282,7 +282,7 @@ def stage_ceiling(args, data: Path) -> dict:
             cfg = cap.search_config(beam=b)
             out[f"search_b{b}_ms"] = ms(lambda: cap.caption_features(feats, cfg))
         if any(RUNTIMES[name].endswith("/onnx") for name in args.backends):  # the search with the onnx decoder
-            from captioner.onnx_decoder import onnx_decoder
+            from captioner.runtime.onnx_decoder import onnx_decoder
 
             torch_step, cap.step_decoder = cap.step_decoder, onnx_decoder(cap.decoder)
             for b in (1, 3):
@@ -316,12 +316,12 @@ def stage_prepare(args, data: Path) -> dict:
     user's cache when a valid calibrated one is there. Reports what auto picks and whether int8 is available."""
     import shutil
 
-    from captioner.backendcli import calibration_batches, spread
-    from captioner.backends import choose
+    from captioner.cli.backend import calibration_batches, spread
+    from captioner.runtime.backends import choose
     from captioner.errors import CaptionerError
-    from captioner.images import find_images
-    from captioner.model import Captioner
-    from captioner.onnx_encoder import check_int8, export_path, onnx_encoder, problem, quantize, read_record
+    from captioner.media.images import find_images
+    from captioner.pipeline.captioner import Captioner
+    from captioner.runtime.onnx_encoder import check_int8, export_path, onnx_encoder, problem, quantize, read_record
 
     cap = Captioner.load(prepare=False)
     cap.encoder.prepare_inference(cap.device, bf16=False)  # what the onnx export and auto's measurement take
@@ -393,7 +393,7 @@ def stage_order(args) -> list[str]:
 def build_compiled(args) -> dict:
     """`--compile`'s one-off step, timed in a fresh process: export + AOTInductor build of the encoder into
     CAPTIONER_CACHE (the bench's own temporary folder, so it is built from scratch on every run)."""
-    code = "from captioner.model import Captioner; Captioner.load().compile_encoder()"
+    code = "from captioner.model.checkpoint import Captioner; Captioner.load().compile_encoder()"
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
@@ -403,7 +403,7 @@ def build_compiled(args) -> dict:
 
 def child(args) -> None:
     if STAGES[args.stage][0] is stage_caption:  # as `captioner caption` does: the workers' fork server starts
-        from captioner.workers import start   # before torch is imported, so that their imports overlap
+        from captioner.runtime.workers import start  # before torch is imported, so that their imports overlap
 
         start()
     import torch

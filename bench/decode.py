@@ -1,6 +1,6 @@
 """Decode + resize + crop, per image at one thread: the caption path against candidate speed-ups (issue 18).
 
-What `captioner caption` runs per image in its loading workers (captioner/batch.py): `_load` (decode), then the
+What `captioner caption` runs per image in its loading workers (captioner/pipeline/batch.py): `_load` (decode), then the
 model's per-image transform (torchvision v2: ToImage, Resize short side to 256 bicubic antialias (torch's native
 uint8 kernel), CenterCrop 224); the float conversion and normalisation run once per batch (not timed here, the
 same for every candidate). Candidates:
@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RESIZE, CROP = 256, 224  # tf_efficientnet_lite0's transform (captioner.encoder.image_transform)
+RESIZE, CROP = 256, 224  # tf_efficientnet_lite0's transform (captioner.model.encoder.image_transform)
 
 
 # ------------------------------------------------------------------------ test images ----
@@ -93,7 +93,7 @@ def resized_size(w: int, h: int, side: int = RESIZE) -> tuple[int, int]:
 
 
 def pil_decode(path: Path) -> Image.Image:
-    """The current decode (captioner.batch._load for these plain RGB JPEGs without EXIF), in PIL only."""
+    """The current decode (captioner.pipeline.batch._load for these plain RGB JPEGs without EXIF), in PIL only."""
     im = Image.open(path)
     if im.format == "JPEG" and min(im.size) >= 4 * RESIZE:
         im.draft("RGB", (2 * RESIZE, 2 * RESIZE))
@@ -147,16 +147,16 @@ def candidates(include_below: bool) -> dict:
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
     from torchvision.transforms.v2 import functional as F
 
-    from captioner import batch
-    from captioner.batch import _load, _split_transform
-    from captioner.encoder import image_transform
-    from captioner.images import MAX_PIXELS, load_image, to_rgb
+    from captioner.pipeline import batch
+    from captioner.pipeline.batch import _load, _split_transform
+    from captioner.model.encoder import image_transform
+    from captioner.media.images import MAX_PIXELS, load_image, to_rgb
 
     per_image, _, min_side = _split_transform(image_transform("efficientnet_lite0"))
     assert min_side == RESIZE
     batch._DECODERS[os.getpid()] = batch._make_jpeg_decoder()  # _load as it runs in a DataLoader worker
 
-    def before_image(p):  # captioner.batch._load before issue 18's decode change (PIL only)
+    def before_image(p):  # captioner.pipeline.batch._load before issue 18's decode change (PIL only)
         if stat.S_ISREG(os.stat(p).st_mode):
             with Image.open(p, formats=("JPEG",)) as im:
                 w, h = im.size

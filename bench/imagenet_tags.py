@@ -2,7 +2,7 @@
 ../shared/data/coco (captions.json + images/), each top-3 label counts as matching when one of its words
 (3+ letters, plural allowed) appears in one of the image's 5 human captions. A lower bound on precision
 ("alp" for mountains, "Granny Smith" for apples do not match), printed per probability threshold; picked
-captioner.tags.IMAGENET_MIN_PROB.
+captioner.media.tags.IMAGENET_MIN_PROB.
 
     .venv/bin/python bench/imagenet_tags.py [--images 240]   # ~1 min on one core
 """
@@ -22,8 +22,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from captioner.model import Captioner  # noqa: E402
-from captioner.tags import IMAGENET_MIN_PROB, IMAGENET_TOPK  # noqa: E402
+from captioner.pipeline.captioner import Captioner  # noqa: E402
+from captioner.media.tags import IMAGENET_MIN_PROB, IMAGENET_TOPK  # noqa: E402
 
 COCO = ROOT.parent / "shared" / "data" / "coco"
 

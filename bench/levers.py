@@ -17,7 +17,8 @@ import torch
 
 
 def _load(path: Path, raw: bool = False):
-    from captioner.model import Captioner, load_checkpoint, save_checkpoint
+    from captioner.pipeline.captioner import Captioner
+    from captioner.model.checkpoint import load_checkpoint, save_checkpoint
 
     if not raw:
         cap = Captioner.load(path, prepare=False)
@@ -32,7 +33,7 @@ def _load(path: Path, raw: bool = False):
 
 
 def row(name: str, cap, data: list[str], cache: Path, **search) -> str:
-    from captioner.evaluate import evaluate
+    from captioner.training.evaluate import evaluate
 
     res = evaluate(cap, data, "val", cache_dir=cache, workers=2, **search)
     s = res.scores
@@ -59,7 +60,7 @@ def main() -> None:
     for beam in (3, 5):
         row(f"beam {beam}, no repeated content word", cap, args.data, args.cache_dir, beam=beam, no_repeat_words=True)
     row("beam 5, no-repeat 2-gram", cap, args.data, args.cache_dir, beam=5, no_repeat_ngram=2)
-    from captioner.encoder import image_transform
+    from captioner.model.encoder import image_transform
 
     cap.encoder.config = replace(cap.encoder.config, resize="squash")  # trained on crops, shown squashed images
     cap.transform = image_transform(cap.encoder.config.name, "squash")

@@ -16,10 +16,10 @@ PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photo
 
 
 def photo_rows(model: Path | None, beam: int) -> list[str]:
-    from captioner.images import load_image
-    from captioner.metrics import repeats_content_word
-    from captioner.model import Captioner
-    from captioner.vocab import tokenize
+    from captioner.media.images import load_image
+    from captioner.training.metrics import repeats_content_word
+    from captioner.pipeline.captioner import Captioner
+    from captioner.model.vocab import tokenize
 
     cap = Captioner.load(model)
     paths = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))

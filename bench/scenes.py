@@ -6,8 +6,8 @@ generated pictures. A detection finds a cut when it is the cut's first frame or 
     .venv/bin/python bench/scenes.py            # the tables (about 20 s on one core)
 
 Measures (all on consecutive decoded frames, sampling with --every 0 so only cuts are kept):
-  previous  mean |difference| of 16x16 RGB thumbnails, against the frame just before (captioner.video, now)
-  kept      the same, against the last frame kept (captioner.video before issue 17)
+  previous  mean |difference| of 16x16 RGB thumbnails, against the frame just before (captioner.media.video, now)
+  kept      the same, against the last frame kept (captioner.media.video before issue 17)
   histogram half the L1 distance of 8x4-bin hue-saturation histograms of 64x48 thumbnails, against the frame before
 """
 
@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from captioner import video as V  # noqa: E402
-from captioner.cliargs import DEFAULT_SCENE_THRESHOLD  # noqa: E402
+from captioner.media import video as V  # noqa: E402
+from captioner.options import DEFAULT_SCENE_THRESHOLD  # noqa: E402
 from slideshow import Clip, frames, generated, labelled_set, matches, photos  # noqa: E402
 
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)
@@ -38,7 +38,7 @@ def hs_histogram(frame) -> np.ndarray:
 
 
 def detect_previous(clip: Clip, threshold: float) -> list[float]:
-    """What captioner.video samples with --every 0 --scenes: the first frame, then each cut."""
+    """What captioner.media.video samples with --every 0 --scenes: the first frame, then each cut."""
     return [f.time for f in V.sample_frames(clip.path, every=0, scenes=True, scene_threshold=threshold)][1:]
 
 

@@ -38,8 +38,8 @@ DECODERS = {"small": ["--hidden-dim", "128", "--embed-dim", "128", "--feat-proj"
 
 def write_set(root: Path, n: int, n_val: int, views: int, seed: int = 0) -> Path:
     """The CSV of a synthetic set of n training + n_val validation images, and its feature caches in root/cache."""
-    from captioner.data import cache_key, load_dataset
-    from captioner.train import TrainConfig, caching_encoder
+    from captioner.training.data import cache_key, load_dataset
+    from captioner.training.train import TrainConfig, caching_encoder
 
     rng = np.random.default_rng(seed)
     images = root / "images"

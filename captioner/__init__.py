@@ -1,3 +1,34 @@
-"""captioner: offline-first image and video captioning (Show, Attend and Tell)."""
+"""captioner: offline-first image and video captioning (Show, Attend and Tell).
+
+The public API is what this module gives, for scripts and notebooks:
+
+    from captioner import Captioner
+    cap = Captioner.load()                      # the shipped model; Captioner.load(path, backend="onnx")
+    print(cap.caption([PIL.Image.open("photo.jpg")])[0].text)
+
+The parts, top to bottom (each may import only the parts below it; tests/test_layout.py checks): cli, app ->
+training -> pipeline (the Captioner facade) -> runtime -> media -> model, and the shared leaves errors, options
+and cpu. docs/design.md draws them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+__all__ = ["Caption", "Captioner", "CaptionerError", "__version__"]
+
+if TYPE_CHECKING:
+    from .errors import CaptionerError
+    from .pipeline.captioner import Caption, Captioner
+
+
+def __getattr__(name: str) -> Any:
+    """Imported on first use, so that `import captioner` (and the command's argument parsing) stays light."""
+    if name in ("Caption", "Captioner"):
+        from .pipeline import captioner
+        return getattr(captioner, name)
+    if name == "CaptionerError":
+        from .errors import CaptionerError
+        return CaptionerError
+    raise AttributeError(f"module 'captioner' has no attribute {name!r}")

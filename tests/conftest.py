@@ -64,10 +64,10 @@ def shared_or_skip(*parts: str) -> Path:
 
 def make_tiny_model(path: Path, seed: int = 0, words: tuple[str, ...] = ("a", "red", "blue", "circle", "square", "above")) -> Path:
     """A random-weight checkpoint on the `pixels` encoder: deterministic, tiny, instant."""
-    from captioner.decoder import Decoder, DecoderConfig
-    from captioner.model import save_checkpoint
-    from captioner.search import SearchConfig
-    from captioner.vocab import SPECIALS
+    from captioner.model.decoder import Decoder, DecoderConfig
+    from captioner.model.checkpoint import save_checkpoint
+    from captioner.model.search import SearchConfig
+    from captioner.model.vocab import SPECIALS
 
     torch.manual_seed(seed)
     itos = list(SPECIALS) + list(words)

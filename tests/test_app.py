@@ -92,8 +92,8 @@ def net_log():
 
 @pytest.fixture(scope="module")
 def app(tiny_model, net_log):
-    from captioner import ui
-    from captioner.model import Captioner
+    from captioner.app import ui
+    from captioner.pipeline.captioner import Captioner
 
     demo = ui.build_demo(Captioner.load(tiny_model), max_zip_bytes=ZIP_LIMIT, max_image_bytes=IMAGE_LIMIT)
     port = free_port()
@@ -148,7 +148,7 @@ def test_caption_image_stretched_maps(client, tmp_path):
 
 
 def test_alternatives_label_says_what_the_scores_are(app):
-    from captioner import ui
+    from captioner.app import ui
 
     table = next(b for b in app[0].blocks.values() if getattr(b, "elem_id", None) == "alternatives")
     assert table.label == ui.ALTERNATIVES_LABEL and "per word" in table.label and "normalised" not in table.label
@@ -157,7 +157,7 @@ def test_alternatives_label_says_what_the_scores_are(app):
 
 
 def test_caption_example_image_greedy(client):
-    from captioner.ui import example_images
+    from captioner.app.ui import example_images
 
     examples = example_images()
     assert len(examples) >= 3 and all(Path(p).stat().st_size < 100_000 for p in examples)
@@ -182,7 +182,7 @@ def test_caption_rejects_too_large_file(client, tmp_path):
 
 
 def test_attention_overlay_shape_and_peak():
-    from captioner.ui import attention_overlay
+    from captioner.app.ui import attention_overlay
 
     img = Image.new("RGB", (140, 70), (128, 128, 128))
     att = np.zeros((7, 7), np.float32)
@@ -201,7 +201,7 @@ def test_attention_overlay_shape_and_peak():
 
 def test_attention_levels_are_absolute_unless_stretched():
     """Issue 24: one scale for every map (0 to 3x uniform), so a flat map looks flat; stretch is the old view."""
-    from captioner.ui import ATTENTION_SCALE, attention_levels, colour_bar
+    from captioner.app.ui import ATTENTION_SCALE, attention_levels, colour_bar
 
     uniform = np.full((7, 7), 1 / 49, np.float32)
     assert np.allclose(attention_levels(uniform), 1 / ATTENTION_SCALE)  # flat: one colour, a third of the way
@@ -420,8 +420,8 @@ def test_inputs_have_the_cli_limits(client, tmp_path, endpoint, args, label):
 
 
 def test_input_bounds_lie_within_the_cli_limits(app):
-    from captioner import ui
-    from captioner.cliargs import BEAM, EVERY, MAX_LEN, TOPK
+    from captioner.app import ui
+    from captioner.options import BEAM, EVERY, MAX_LEN, TOPK
 
     limits = {"Beam size": BEAM, "Max length (words)": MAX_LEN, "Alternatives": TOPK, "Sample every (seconds)": EVERY}
     seen = set()
@@ -442,7 +442,7 @@ def test_failure_reason_stays_in_the_status_box(app, tmp_path):
     as the failed call), not only in a toast; one per tab."""
     from gradio_client import Client
 
-    from captioner import ui
+    from captioner.app import ui
 
     ids = {getattr(b, "elem_id", None) for b in app[0].blocks.values() if isinstance(b, ui.gr.Markdown)}
     assert {"image-status", "batch-status", "video-status"} <= ids

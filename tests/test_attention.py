@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from captioner.decoder import attention_penalty
-from captioner.metrics import attention_stats
-from captioner.train import ema_warmup_fn
+from captioner.model.decoder import attention_penalty
+from captioner.training.metrics import attention_stats
+from captioner.training.train import ema_warmup_fn
 
 
 def test_uniform_maps_give_peak_one_over_l_and_entropy_log_l():
@@ -96,8 +96,8 @@ def test_a_model_trained_on_scenes_looks_at_the_object_it_names(tmp_path):
     from PIL import Image
     from synth import COLOURS, SHAPES, make_object_dataset
 
-    from captioner.model import Captioner
-    from captioner.train import TrainConfig, train
+    from captioner.pipeline.captioner import Captioner
+    from captioner.training.train import TrainConfig, train
 
     data, boxes = make_object_dataset(tmp_path / "scenes", n_train=600, n_val=40, n_test=60)
     best = train(TrainConfig(data=[str(data)], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
@@ -117,7 +117,7 @@ def test_a_model_trained_on_scenes_looks_at_the_object_it_names(tmp_path):
 def test_learned_initial_state_does_not_see_the_image():
     """--init-state learned: h0/c0 are the same for every image (the image reaches the LSTM through attention
     only); the default still starts from the mean annotation, and a config without the field loads as before."""
-    from captioner.decoder import Decoder, DecoderConfig
+    from captioner.model.decoder import Decoder, DecoderConfig
 
     torch.manual_seed(0)
     feats = torch.rand(2, 49, 32)

@@ -29,9 +29,9 @@ import torch
 from conftest import picture
 from PIL import Image
 
-from captioner.cli import main
+from captioner.cli.main import main
 from captioner.errors import CaptionerError
-from captioner.images import path_from_text
+from captioner.media.images import path_from_text
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 torch.set_num_threads(1)
@@ -127,11 +127,11 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None], list[Path]]:
     return root / "images", expect, explicit
 
 
-# A wrapper around the CLI that makes open() of UNREADABLE fail with EACCES, in captioner.images only
+# A wrapper around the CLI that makes open() of UNREADABLE fail with EACCES, in captioner.media.images only
 # (a chmod 000 is no obstacle to root, which these tests may run as).
 DENY = f"""
-import sys, builtins, captioner.images as images
-from captioner.cli import main
+import sys, builtins, captioner.media.images as images
+from captioner.cli.main import main
 from captioner.errors import CaptionerError
 def _open(file, *a, **k):
     if str(file).endswith({UNREADABLE!r}):
@@ -195,8 +195,8 @@ def free_port() -> int:
 def app_client(tiny_model, tmp_path_factory):
     pytest.importorskip("gradio")
     gradio_client = pytest.importorskip("gradio_client")
-    from captioner import ui
-    from captioner.model import Captioner
+    from captioner.app import ui
+    from captioner.pipeline.captioner import Captioner
 
     demo = ui.build_demo(Captioner.load(tiny_model))
     port = free_port()
@@ -212,7 +212,7 @@ def app_client(tiny_model, tmp_path_factory):
 def test_app_batch_image_corpus(corpus, app_client, tiny_model, monkeypatch, tmp_path):
     from gradio_client import handle_file
 
-    from captioner import images
+    from captioner.media import images
 
     folder, expect, explicit = corpus
     real_open = open
@@ -430,7 +430,7 @@ def test_output_parent_is_a_file(good_folder, tiny_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
 def test_output_cannot_be_opened(good_folder, tiny_model, tmp_path, capsys, monkeypatch, code):
-    from captioner import batch
+    from captioner.pipeline import batch
 
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code))
@@ -471,7 +471,7 @@ def test_disk_full_mid_run_keeps_complete_batches_and_resumes(good_folder, tiny_
     assert caption_to(out, good_folder, tiny_model) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "2 rows" in line and "--resume" in line
-    from captioner.batch import read_rows
+    from captioner.pipeline.batch import read_rows
 
     data = out.read_bytes()
     assert data.endswith(b"\n") and len(read_rows(out, fmt)) == 2  # the first batch, no half-written row
@@ -484,8 +484,9 @@ def test_disk_full_mid_run_keeps_complete_batches_and_resumes(good_folder, tiny_
 
 
 def test_disk_full_during_checkpoint_save(tiny_model, tmp_path, monkeypatch):
-    from captioner import model
-    from captioner.model import Captioner, load_checkpoint, save_checkpoint
+    from captioner.model import checkpoint as model
+    from captioner.pipeline.captioner import Captioner
+    from captioner.model.checkpoint import load_checkpoint, save_checkpoint
 
     target = tmp_path / "last.pt"
     target.write_bytes(tiny_model.read_bytes())  # the previous, good checkpoint
@@ -514,7 +515,8 @@ def test_disk_full_during_checkpoint_save(tiny_model, tmp_path, monkeypatch):
 def test_disk_full_during_training_is_one_line(tmp_path, monkeypatch, capsys):
     from synth import make_dataset
 
-    from captioner import model, train
+    from captioner.model import checkpoint as model
+    from captioner.training import train
 
     data = make_dataset(tmp_path / "data", n_train=16, n_val=4, n_test=4)
     real = model.save_checkpoint

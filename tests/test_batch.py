@@ -1,4 +1,4 @@
-"""`captioner caption` (captioner.batch) on a tiny random-weight model: formats, broken files, exit codes,
+"""`captioner caption` (captioner.pipeline.batch) on a tiny random-weight model: formats, broken files, exit codes,
 top-k, resume after SIGKILL, and a 2-process torchrun run merged in order."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import picture, picture_folder
 
-from captioner.batch import CaptionJob, caption_files, read_rows
-from captioner.cli import main
-from captioner.model import Captioner
+from captioner.pipeline.batch import CaptionJob, caption_files, read_rows
+from captioner.cli.main import main
+from captioner.pipeline.captioner import Captioner
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,8 +180,8 @@ def cli(*args: object) -> list[str]:
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # the killed run: the real CLI, with image loading slowed down so that the kill lands mid-run
-SLOW = ("import sys, time, captioner.batch as b; load = b.load_image; "
-        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli import main; sys.exit(main())")
+SLOW = ("import sys, time, captioner.pipeline.batch as b; load = b.load_image; "
+        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli.main import main; sys.exit(main())")
 
 
 @pytest.fixture(scope="module")

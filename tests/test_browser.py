@@ -41,8 +41,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tiny_model):
-    from captioner import ui
-    from captioner.model import Captioner, default_model_path
+    from captioner.app import ui
+    from captioner.pipeline.captioner import Captioner
+    from captioner.model.checkpoint import default_model_path
 
     # the shipped model when there is one (the screenshots go into the README), else the tiny random one
     model = default_model_path() if default_model_path().is_file() else tiny_model
@@ -88,7 +89,7 @@ def open_tab(pg, name: str) -> None:
 
 
 def test_image_tab(page):
-    from captioner.ui import example_images
+    from captioner.app.ui import example_images
 
     # an example, picked from the examples table
     page.locator('img[src*="chelsea.jpg"]').first.click()
@@ -133,7 +134,7 @@ def assert_label_clear(pg, gallery: str) -> None:
 
 
 def test_batch_tab(page, tmp_path):
-    from captioner.ui import example_images
+    from captioner.app.ui import example_images
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -163,7 +164,7 @@ def test_batch_tab(page, tmp_path):
 
 def test_batch_one_photo_keeps_its_size(page):
     """One photo alone is not stretched over the whole gallery (it was, blurred, before issue 17 item 15)."""
-    from captioner.ui import THUMB_SIDE, example_images
+    from captioner.app.ui import THUMB_SIDE, example_images
 
     open_tab(page, "Batch")
     page.locator("#batch-files button[aria-label='Clear']").first.click()

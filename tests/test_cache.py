@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import picture
 
-from captioner import encoder as encoder_module
-from captioner.data import cache_features
-from captioner.encoder import Encoder, EncoderConfig, image_transform
+from captioner.model import encoder as encoder_module
+from captioner.training.data import cache_features
+from captioner.model.encoder import Encoder, EncoderConfig, image_transform
 
 
 @pytest.fixture()
@@ -104,7 +104,7 @@ def test_streamed_rows_equal_the_memory_map_and_refuse_a_truncated_cache(tmp_pat
     writable rows, a picklable reader (DataLoader workers), and one clear error when the file was cut short."""
     import pickle
 
-    from captioner.data import CaptionPairs, FileRows
+    from captioner.training.data import CaptionPairs, FileRows
     from captioner.errors import CaptionerError
 
     path = tmp_path / "feats.npy"

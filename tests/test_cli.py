@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import picture
 
-from captioner.cli import build_parser, main, train_fields
-from captioner.cliargs import EXIT_CODES, EXIT_EPILOG, outcome
+from captioner.cli.main import build_parser, main, train_fields
+from captioner.options import EXIT_CODES, EXIT_EPILOG, outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
@@ -84,7 +84,7 @@ def test_cross_option_usage_errors(capsys):
 
 def test_usage_errors_and_help_import_nothing_heavy():
     """--help and usage errors are answered before torch, timm, gradio, av or numpy are imported."""
-    code = ("import sys\nfrom captioner.cli import main\n"
+    code = ("import sys\nfrom captioner.cli.main import main\n"
             "for argv in (['caption', 'x.jpg', '-o', 'out.txt'], ['caption', 'x', '--beam', '0'], "
             "['video', 'x', '--every', '-1'], ['train', '--data', 'd', '--epochs', '0'], ['export', 'a'], ['nope']):\n"
             "    assert main(argv) == 2, argv\n"
@@ -98,7 +98,7 @@ def test_usage_errors_and_help_import_nothing_heavy():
 
 
 def test_train_flags_read_from_source_match_the_dataclass():
-    from captioner.train import TrainConfig
+    from captioner.training.train import TrainConfig
 
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     assert {name: default for name, default, _ in train_fields()} == fields
@@ -176,7 +176,7 @@ def test_every_command_takes_the_common_flags(command):
 def test_no_progress_disables_every_bar():
     from tqdm import tqdm
 
-    from captioner.cliargs import progress_disabled
+    from captioner.options import progress_disabled
 
     with progress_disabled(True):
         assert tqdm(range(3), disable=False).disable

@@ -1,4 +1,4 @@
-"""`captioner caption --compile` (captioner/compiled.py): the AOT-compiled encoder is built once into the cache,
+"""`captioner caption --compile` (captioner/runtime/compiled.py): the AOT-compiled encoder is built once into the cache,
 reused, gives the eager encoder's features and captions, and fails with one clear line where it cannot work."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import picture
 
-from captioner.batch import read_rows
-from captioner.cli import main
-from captioner.compiled import CompiledEncoder
-from captioner.model import Captioner
+from captioner.pipeline.batch import read_rows
+from captioner.cli.main import main
+from captioner.runtime.compiled import CompiledEncoder
+from captioner.pipeline.captioner import Captioner
 
 torch.set_num_threads(1)
 needs_cxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler (CI has g++)")

@@ -11,13 +11,14 @@ import torch
 from conftest import make_tiny_model, shared_or_skip
 from PIL import Image
 
-from captioner.cli import main
-from captioner.decoder import Decoder, DecoderConfig, attention_penalty
-from captioner.encoder import Encoder, EncoderConfig, image_transform, rename_lite_keys
+from captioner.cli.main import main
+from captioner.model.decoder import Decoder, DecoderConfig, attention_penalty
+from captioner.model.encoder import Encoder, EncoderConfig, image_transform, rename_lite_keys
 from captioner.errors import CaptionerError
-from captioner.model import Captioner, load_checkpoint, save_checkpoint
-from captioner.search import SearchConfig, beam_search, greedy, search
-from captioner.vocab import Vocab, tokenize
+from captioner.pipeline.captioner import Captioner
+from captioner.model.checkpoint import load_checkpoint, save_checkpoint
+from captioner.model.search import SearchConfig, beam_search, greedy, search
+from captioner.model.vocab import Vocab, tokenize
 
 
 def test_tokenize_and_vocab_roundtrip():
@@ -37,7 +38,7 @@ def lite0():
 
 def test_default_encoder_loads_strictly_offline_and_classifies_cat(lite0):
     import timm
-    from captioner.encoder import lite_weights_path
+    from captioner.model.encoder import lite_weights_path
 
     state = torch.load(lite_weights_path("efficientnet_lite0"), weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0")
@@ -252,7 +253,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, tiny_model):
 def test_no_repeat_words_never_repeats_a_content_word(beam):
     """A decoder that loves one content word ("dog") says it once with no_repeat_words; function words may
     repeat. Without the option it repeats it."""
-    from captioner.vocab import Vocab
+    from captioner.model.vocab import Vocab
 
     words = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "on", "grass"] + [f"w{i}" for i in range(22)]
     vocab = Vocab(words)

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from captioner.data import CaptionPairs, TextPairs
-from captioner.decoder import Decoder, DecoderConfig, attention_penalty
-from captioner.train import TrainConfig, epoch_loader
+from captioner.training.data import CaptionPairs, TextPairs
+from captioner.model.decoder import Decoder, DecoderConfig, attention_penalty
+from captioner.training.train import TrainConfig, epoch_loader
 
 CFG = DecoderConfig(40, 24, feat_proj=16, embed_dim=16, hidden_dim=32, attn_dim=16, dropout=0.0)
 

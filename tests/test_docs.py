@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.cliargs import EXIT_CODES
+from captioner.options import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import picture
 
-from captioner.workers import PRELOAD
+from captioner.runtime.workers import PRELOAD
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).with_name("captioner")  # the console script pip installed beside this python
@@ -62,8 +62,8 @@ def runtimes(res: subprocess.CompletedProcess) -> str:
 
 def force_auto(cache: Path, choice: str) -> None:
     """Write auto's answer for this CPU and the shipped model into `cache`, as its measurement would."""
-    from captioner.backends import choice_path
-    from captioner.model import Captioner
+    from captioner.runtime.backends import choice_path
+    from captioner.pipeline.captioner import Captioner
 
     cap = Captioner.load(prepare=False)
     cap.encoder.prepare_inference(cap.device, bf16=False)  # the key names the prepared fp32 encoder
@@ -242,9 +242,9 @@ class _Stalls:
 @pytest.mark.timeout(300)
 def test_a_stalled_worker_stops_the_job_with_one_error(tiny_model, good_folder):
     """No batch for worker_timeout seconds: one CaptionerError saying so, the batches before it delivered."""
-    from captioner.batch import caption_files
+    from captioner.pipeline.batch import caption_files
     from captioner.errors import CaptionerError
-    from captioner.model import Captioner
+    from captioner.pipeline.captioner import Captioner
 
     delivered: list = []
     paths = sorted(good_folder.glob("*.png"))

@@ -1,4 +1,4 @@
-"""captioner.images: every input is generated in tmp_path (no external data, no model, fast)."""
+"""captioner.media.images: every input is generated in tmp_path (no external data, no model, fast)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from captioner import images
+from captioner.media import images
 from captioner.errors import CaptionerError
-from captioner.images import (IMAGE_EXTENSIONS, ImageError, display_name, find_images, is_zip, load_image,
-                              load_image_bytes, safe_extract_zip, to_rgb)
+from captioner.media.images import IMAGE_EXTENSIONS, ImageError, display_name, find_images, is_zip, load_image, load_image_bytes, safe_extract_zip, to_rgb
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 # A valid 8x8 RGB Photoshop file (header, three empty sections, raw black pixels).
@@ -397,8 +396,8 @@ def photo(w: int, h: int, seed: int = 0) -> Image.Image:
 
 @pytest.fixture
 def in_worker(monkeypatch):
-    """captioner.batch._load as it runs in a DataLoader worker (torchvision decodes plain JPEGs there)."""
-    from captioner import batch
+    """captioner.pipeline.batch._load as it runs in a DataLoader worker (torchvision decodes plain JPEGs there)."""
+    from captioner.pipeline import batch
 
     monkeypatch.setitem(batch._DECODERS, os.getpid(), batch._make_jpeg_decoder())
     assert batch._jpeg_decoder() is not None
@@ -429,7 +428,7 @@ def test_worker_jpeg_decode_gives_load_image_pixels_exactly(tmp_path, in_worker)
     """In a worker, plain RGB / grey JPEGs skip PIL (torchvision's decode_jpeg): the same pixels, bit for bit,
     EXIF orientation included, and the same tensor after the model's transform."""
     import torch
-    from captioner.encoder import image_transform
+    from captioner.model.encoder import image_transform
 
     transform = image_transform("efficientnet_lite0")
     for name, path in jpeg_variants(tmp_path).items():
@@ -471,7 +470,7 @@ def test_worker_jpeg_decode_is_silent_on_damaged_but_decodable_data(tmp_path, in
 def test_large_jpeg_reduced_decode_close_to_full_decode(tmp_path, in_worker):
     """A JPEG whose short side is >= 4x the resize target is decoded at reduced scale (DCT scaling), never under
     2x the target: after the transform it is within 4 grey levels of the full decode everywhere, 0.5 on average."""
-    from captioner.encoder import image_transform
+    from captioner.model.encoder import image_transform
 
     transform = image_transform("efficientnet_lite0")
     for size in ((2048, 1536), (1200, 4100)):  # 1/2 scale; 1/4 scale, portrait
@@ -489,8 +488,8 @@ def test_caption_batches_from_workers_equal_the_main_process(tmp_path):
     import torch
     from torch.utils.data import DataLoader
 
-    from captioner.batch import _Files, _split_transform
-    from captioner.encoder import image_transform
+    from captioner.pipeline.batch import _Files, _split_transform
+    from captioner.model.encoder import image_transform
 
     paths = sorted(jpeg_variants(tmp_path).values())
     small = save(tmp_path / "small.jpg", photo(40, 20))

@@ -1,4 +1,4 @@
-"""`captioner caption DIR -o library.sqlite` and `captioner search` (captioner.library): columns, BM25
+"""`captioner caption DIR -o library.sqlite` and `captioner search` (captioner.media.library): columns, BM25
 ranking, --resume re-captioning changed photos and dropping deleted ones, refusing other files, FTS5 check,
 exit codes."""
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import picture
 
-from captioner import library
-from captioner.cli import main
-from captioner.library import LibraryWriter, match_expression, search
-from captioner.model import Captioner
+from captioner.media import library
+from captioner.cli.main import main
+from captioner.media.library import LibraryWriter, match_expression, search
+from captioner.pipeline.captioner import Captioner
 
 CAPTIONS = {  # photo -> (caption, alternatives)
     "beach_dog.jpg": ("a dog running on the beach", ["a brown dog on the sand"]),
@@ -170,7 +170,7 @@ def test_without_fts5_one_clear_error(made_library, monkeypatch, capsys):
 def test_every_flag_of_caption_and_search_has_help():
     import argparse
 
-    from captioner.cli import build_parser
+    from captioner.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for command in ("caption", "search"):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import picture
 
-import captioner.search as search
-from captioner.batch import caption_files
-from captioner.cli import main
-from captioner.model import Captioner
+import captioner.model.search as search
+from captioner.pipeline.batch import caption_files
+from captioner.cli.main import main
+from captioner.pipeline.captioner import Captioner
 
 torch.set_num_threads(1)
 
@@ -50,7 +50,7 @@ def test_low_score_warning_cli(two, tiny_model, monkeypatch, tmp_path, capsys):
 
 def test_low_score_warning_app(two, tiny_model, monkeypatch):
     gr = pytest.importorskip("gradio")
-    from captioner import ui
+    from captioner.app import ui
 
     toasts: list[str] = []
     monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: toasts.append(message))

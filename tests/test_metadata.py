@@ -1,4 +1,4 @@
-"""`captioner caption --write-metadata / --sidecar` (captioner.metadata) on a tiny random-weight model, read
+"""`captioner caption --write-metadata / --sidecar` (captioner.media.metadata) on a tiny random-weight model, read
 back by an independent reader (`exiftool -j`): the fields in JPEG, PNG, TIFF, WebP, GIF and sidecars; pixels
 and image data untouched; camera, GPS and keyword metadata kept; a person's description kept unless
 --overwrite-metadata; read-only, unsupported and changed files as error rows; --dry-run; atomic writes,
@@ -23,10 +23,10 @@ from conftest import picture
 from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
-import captioner.batch
-from captioner import metadata
-from captioner.cli import main
-from captioner.model import Captioner
+import captioner.pipeline.batch
+from captioner.media import metadata
+from captioner.cli.main import main
+from captioner.pipeline.captioner import Captioner
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_exiftool = pytest.mark.skipif(shutil.which("exiftool") is None,
@@ -221,7 +221,7 @@ def test_unwritable_files_are_error_rows_and_the_rest_is_written(tiny_model, tmp
     (d / "locked.jpg").chmod(0o444)
     picture(5).save(d / "old.bmp")
     picture(6).save(d / "moving.png")
-    load = captioner.batch._load
+    load = captioner.pipeline.batch._load
 
     def load_and_change(path, *rest):  # someone edits moving.png while it is being captioned
         img = load(path, *rest)
@@ -230,7 +230,7 @@ def test_unwritable_files_are_error_rows_and_the_rest_is_written(tiny_model, tmp
             os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
         return img
 
-    monkeypatch.setattr(captioner.batch, "_load", load_and_change)
+    monkeypatch.setattr(captioner.pipeline.batch, "_load", load_and_change)
     untouched = {n: (d / n).read_bytes() for n in ("locked.jpg", "old.bmp")}
     out = tmp_path / "out.jsonl"
     assert run(d, "--write-metadata", "-o", out, "--model", tiny_model, "--workers", 0, "--batch-size", 3) == 3
@@ -305,8 +305,8 @@ def test_failed_replace_leaves_the_original_whole(photos, monkeypatch):
 
 # ------------------------------------------------------------------- SIGKILL ------
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-SLOW = ("import sys, time, captioner.batch as b; load = b.load_image; "
-        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli import main; sys.exit(main())")
+SLOW = ("import sys, time, captioner.pipeline.batch as b; load = b.load_image; "
+        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli.main import main; sys.exit(main())")
 
 
 @needs_exiftool

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from captioner.errors import CaptionerError
-from captioner.metrics import CiderD, coco_bleu, format_scores, nltk_bleu, score_captions
-from captioner.vocab import tokenize
+from captioner.training.metrics import CiderD, coco_bleu, format_scores, nltk_bleu, score_captions
+from captioner.model.vocab import tokenize
 
 WORDS = "a the dog cat man woman on in with red ball grass street sitting running is".split()
 REAL = [  # (hypothesis, references) written like COCO captions
@@ -121,7 +121,7 @@ def test_cider_d_with_fixed_idf_equals_pycocoevalcap_per_image():
 
 
 def test_caption_faults_count_repeated_content_words_and_unk():
-    from captioner.metrics import caption_faults, repeats_content_word
+    from captioner.training.metrics import caption_faults, repeats_content_word
 
     assert repeats_content_word("a desk with a laptop with a laptop on it".split())
     assert not repeats_content_word("a man and a woman on a bench in a park".split())  # only function words repeat
@@ -132,7 +132,7 @@ def test_caption_faults_count_repeated_content_words_and_unk():
 def test_meteor_runs_on_java_and_orders_captions():
     import shutil
 
-    from captioner.metrics import meteor
+    from captioner.training.metrics import meteor
 
     if shutil.which("java") is None:
         pytest.skip("no Java here (apt-get install default-jre-headless)")

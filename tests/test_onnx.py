@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend (issue 18; captioner/onnx_encoder.py, onnx_decoder.py, backends.py): the exports give
+"""The ONNX Runtime backend (issue 18; captioner/runtime/onnx_encoder.py, onnx_decoder.py, backends.py): the exports give
 the prepared fp32 encoder's features, the decoder step's outputs and the same captions, are built once into the
 cache and rebuilt when damaged or stale,
 `--backend` / `--int8` work through the CLI, `auto` measures once and keeps its answer, `captioner info` reports
@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import picture
 
-from captioner import backends
-from captioner.batch import read_rows
-from captioner.cli import main
-from captioner.model import Captioner
-from captioner.onnx_decoder import OnnxDecoder
-from captioner.onnx_encoder import OnnxEncoder, export_path, int8_path, problem
+from captioner.runtime import backends
+from captioner.pipeline.batch import read_rows
+from captioner.cli.main import main
+from captioner.pipeline.captioner import Captioner
+from captioner.runtime.onnx_decoder import OnnxDecoder
+from captioner.runtime.onnx_encoder import OnnxEncoder, export_path, int8_path, problem
 
 torch.set_num_threads(1)
 pytest.importorskip("onnxruntime")
@@ -284,8 +284,8 @@ def test_a_onednn_isa_cap_turns_bf16_off_and_is_named(monkeypatch):
 def test_decoder_step_export_matches_torch_for_both_cells(cell, tmp_path):
     """A small random decoder of either cell, on a 3x3 grid (the export's grid is dynamic): the onnx step's logits,
     state and attention equal torch's to float rounding."""
-    from captioner.decoder import Decoder, DecoderConfig
-    from captioner.onnx_decoder import onnx_decoder
+    from captioner.model.decoder import Decoder, DecoderConfig
+    from captioner.runtime.onnx_decoder import onnx_decoder
 
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig(vocab_size=50, feat_dim=16, feat_proj=8, embed_dim=8, hidden_dim=12, attn_dim=6,

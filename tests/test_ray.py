@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import make_shards
 
-from captioner.cli import main
+from captioner.cli.main import main
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def _processes(match: Callable[[str, int], bool] | None = None) -> dict[int, str
 @pytest.fixture(scope="module")
 def cluster():
     """A head node and a second node, one CPU each; the test process is the driver."""
-    from captioner.workers import start
+    from captioner.runtime.workers import start
 
     start()  # the fork server first: Ray's threads must never be in a process that forks workers later
     ray = pytest.importorskip("ray")
@@ -138,7 +138,7 @@ def test_cluster_captions_every_image_once_like_one_machine(cluster, shards, one
 def test_second_node_lost_mid_run_nothing_lost_or_doubled(cluster, shards, one_machine, tiny_model, tmp_path):
     """The second node is removed as soon as it has finished one shard (it has then been handed the next): Ray
     restarts its actor on the head and retries the lost shard there."""
-    from captioner.distributed import caption_shards
+    from captioner.pipeline.distributed import caption_shards
 
     second = cluster.second.node_id
     removed: list[float] = []

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import picture
 
-from captioner.cli import main
+from captioner.cli.main import main
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def odd_names(d: Path) -> list[str]:
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "sqlite"])
 def test_names_that_are_not_utf8_round_trip_and_resume(odd_folder, tiny_model, tmp_path, capsys, fmt):
-    from captioner.images import path_from_text, path_text
+    from captioner.media.images import path_from_text, path_text
 
     out = tmp_path / f"out.{fmt}"
     assert run(odd_folder, "-o", out, "--model", tiny_model, "--workers", 0) == 0
@@ -101,7 +101,7 @@ def test_names_that_are_not_utf8_round_trip_and_resume(odd_folder, tiny_model, t
 
 
 def test_names_that_are_not_utf8_on_stdout(odd_folder, tiny_model, capsys):
-    from captioner.images import path_from_text
+    from captioner.media.images import path_from_text
 
     assert run(odd_folder, "--model", tiny_model, "--workers", 0) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -123,7 +123,7 @@ def test_checkpoint_with_nan_weights_is_one_line(good_folder, tiny_model, tmp_pa
 
 def test_no_hypothesis_left_is_an_error_not_an_index_error(tiny_model):
     from captioner.errors import CaptionerError
-    from captioner.model import Captioner
+    from captioner.pipeline.captioner import Captioner
 
     with pytest.raises(CaptionerError, match="damaged"):
         Captioner.load(tiny_model)._caption([])
@@ -150,7 +150,7 @@ def test_verbose_keeps_third_party_debug_logs_out(tiny_model, tmp_path):
 def test_more_workers_than_cpus_is_one_line(tiny_model, tmp_path):
     """Bad input #21 of docs/bad-inputs-round2.md: torch's multi-line DataLoader warning, said twice, became one
     line of ours; the captions are all there."""
-    from captioner.batch import usable_cpus
+    from captioner.pipeline.batch import usable_cpus
 
     n = usable_cpus() + 1
     for i in range(n):
@@ -182,7 +182,7 @@ def test_topk_above_beam_and_sidecar_with_write_metadata_are_usage_errors(good_f
 # ---------------------------------------------------------------- item 7: search queries and ranking ------
 @pytest.fixture()
 def dog_library(tmp_path) -> Path:
-    from captioner.library import LibraryWriter
+    from captioner.media.library import LibraryWriter
 
     captions = {"hotdog.jpg": "a hot dog on a plate", "eating.jpg": "a man eating a hot dog",
                 "grass.jpg": "a black and white dog running through the grass with a ball in its mouth",
@@ -197,7 +197,7 @@ def dog_library(tmp_path) -> Path:
 
 
 def test_search_ranks_whole_words_above_compounds_and_phrases_first(dog_library):
-    from captioner.library import search
+    from captioner.media.library import search
 
     def names(query: str) -> list[str]:
         return [Path(r["path"]).name for r in search(dog_library, query)]
@@ -222,7 +222,7 @@ def test_search_query_may_start_with_a_dash(dog_library, capsys):
 
 
 def test_video_tags_keep_compound_nouns_whole():
-    from captioner.tags import caption_tags
+    from captioner.media.tags import caption_tags
 
     tags = [t.tag for t in caption_tags(["a man talking on a cell phone", "a man holding a cell phone"])]
     assert tags == ["man", "cell phone"]
@@ -230,7 +230,7 @@ def test_video_tags_keep_compound_nouns_whole():
 
 # ------------------------------------------------------------------------ item 8: huge photos ------
 def test_big_jpeg_is_decoded_smaller_and_big_png_refused_unless_raised(tiny_model, tmp_path, capsys):
-    from captioner.images import load_image
+    from captioner.media.images import load_image
 
     d = tmp_path / "big"
     d.mkdir()
@@ -259,12 +259,12 @@ def test_a_bad_video_fails_before_the_model_loads(tmp_path, capsys):
 # ------------------------------------------------------------------------------- item 10: the app ------
 def test_app_warns_about_tiny_images_and_counts_failures(tiny_model, tmp_path, monkeypatch):
     gr = pytest.importorskip("gradio")
-    from captioner import ui
-    from captioner.model import Captioner
+    from captioner.app import ui
+    from captioner.pipeline.captioner import Captioner
 
     toasts: list[str] = []
     monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: toasts.append(message))
-    monkeypatch.setattr("captioner.search.LOW_SCORE", -1e9)  # the tiny model's scores are not the shipped one's
+    monkeypatch.setattr("captioner.model.search.LOW_SCORE", -1e9)  # the tiny model's scores are not the shipped one's
     cap = Captioner.load(tiny_model)
     from PIL import Image
 

@@ -36,8 +36,8 @@ def make_zip(path: Path, members: list[tuple[str, bytes]]) -> Path:
 def batch(tiny_model):
     """The app's Batch tab function: (uploaded paths) -> (rows [file, caption, score, error], toasts)."""
     gr = pytest.importorskip("gradio")
-    from captioner import ui
-    from captioner.model import Captioner
+    from captioner.app import ui
+    from captioner.pipeline.captioner import Captioner
 
     fn = ui.caption_batch_fn(Captioner.load(tiny_model), ui.WorkDir(), max_zip_bytes=2**20)
 
@@ -124,7 +124,7 @@ def test_unsafe_zip_captions_its_safe_members_and_names_the_unsafe_ones(batch, t
 
 
 def test_zip_member_decompressing_beyond_its_header_is_cut_off(tmp_path):
-    from captioner.images import extract_zip
+    from captioner.media.images import extract_zip
 
     z = make_zip(tmp_path / "small.zip", [("a.png", png(1)), ("b.png", png(2))])
     real_open = zipfile.ZipFile.open
@@ -146,7 +146,7 @@ def test_zip_member_decompressing_beyond_its_header_is_cut_off(tmp_path):
 def test_examples_are_the_licensed_photos_small_and_listed():
     from PIL import Image
 
-    from captioner.ui import EXAMPLES_DIR, example_images
+    from captioner.app.ui import EXAMPLES_DIR, example_images
 
     names = sorted(Path(p).name for p in example_images())
     assert names == ["astronaut.jpg", "camera.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
@@ -162,7 +162,7 @@ def test_examples_are_the_licensed_photos_small_and_listed():
 def test_make_examples_rebuilds_them_from_the_shared_photos(tmp_path):
     from conftest import shared_or_skip
 
-    from captioner.ui import EXAMPLES_DIR
+    from captioner.app.ui import EXAMPLES_DIR
 
     photos = shared_or_skip("photos")
     spec = importlib.util.spec_from_file_location("make_examples", ROOT / "data" / "make_examples.py")
@@ -197,7 +197,7 @@ def damaged_mp4(tmp_path: Path) -> Path:
 def test_lightly_corrupt_mp4_is_captioned_with_a_warning(tmp_path, tiny_model, capsys):
     import json
 
-    from captioner.cli import main
+    from captioner.cli.main import main
 
     bad = damaged_mp4(tmp_path)
     out = tmp_path / "out.json"
@@ -219,7 +219,7 @@ def test_lightly_corrupt_mp4_is_captioned_with_a_warning(tmp_path, tiny_model, c
                                                     ("topk", -1, "topk=-1"), ("beem", 3, "unknown search option 'beem'")])
 def test_captioner_caption_checks_its_search_options(tiny_model, option, value, message):
     from captioner.errors import CaptionerError
-    from captioner.model import Captioner
+    from captioner.pipeline.captioner import Captioner
 
     cap = Captioner.load(tiny_model)
     with pytest.raises(CaptionerError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -230,8 +230,8 @@ def test_captioner_caption_checks_its_search_options(tiny_model, option, value, 
 def test_caption_files_accepts_bytes_paths(tiny_model, tmp_path):
     import os
 
-    from captioner.batch import caption_files
-    from captioner.model import Captioner
+    from captioner.pipeline.batch import caption_files
+    from captioner.pipeline.captioner import Captioner
 
     picture(1).save(tmp_path / "a.png")
     name = os.path.join(os.fsencode(tmp_path), b"x\xff.png")  # not UTF-8: only bytes name it exactly
@@ -244,8 +244,8 @@ def test_caption_files_accepts_bytes_paths(tiny_model, tmp_path):
 # ------------------------------------------------------ item 11: the empty Batch tab's download boxes ------
 def test_batch_downloads_are_hidden_until_there_are_results(tiny_model):
     pytest.importorskip("gradio")
-    from captioner import ui
-    from captioner.model import Captioner
+    from captioner.app import ui
+    from captioner.pipeline.captioner import Captioner
 
     demo = ui.build_demo(Captioner.load(tiny_model))
     boxes = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None) in

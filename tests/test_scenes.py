@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import video as V
-from captioner.cliargs import DEFAULT_SCENE_THRESHOLD
+from captioner.media import video as V
+from captioner.options import DEFAULT_SCENE_THRESHOLD
 from slideshow import FPS, SIZE, Clip, frames, labelled_set, matches, photos
 
 
@@ -26,7 +26,7 @@ def clips(tmp_path_factory, pictures) -> dict[str, Clip]:
 def test_defaults_agree():
     import inspect
 
-    from captioner.cli import build_parser
+    from captioner.cli.main import build_parser
 
     assert inspect.signature(V.sample_frames).parameters["scene_threshold"].default == DEFAULT_SCENE_THRESHOLD
     assert inspect.signature(V.tag_video).parameters["scene_threshold"].default == DEFAULT_SCENE_THRESHOLD

@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import jpeg_bytes, make_shards, picture, picture_folder, write_shard
 
-from captioner.cli import main
-from captioner.shards import TarImage, TarProblem, gather, read_path_list, read_shard
+from captioner.cli.main import main
+from captioner.media.shards import TarImage, TarProblem, gather, read_path_list, read_shard
 
 pq = pytest.importorskip("pyarrow.parquet")
 torch.set_num_threads(1)
@@ -147,8 +147,8 @@ def test_parquet_refusals_and_overwrite(shard_dir, tiny_model, tmp_path, capsys)
     assert "is not a captions Parquet file" in capsys.readouterr().err
 
 
-SLOW = ("import sys, time, captioner.batch as b; load = b.load_image; "
-        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli import main; sys.exit(main())")
+SLOW = ("import sys, time, captioner.pipeline.batch as b; load = b.load_image; "
+        "b.load_image = lambda p, *a: (time.sleep(0.03), load(p, *a))[1]; from captioner.cli.main import main; sys.exit(main())")
 
 
 @pytest.mark.timeout(240)
@@ -177,7 +177,7 @@ def test_parquet_resume_after_sigkill(tiny_model, tmp_path_factory, tmp_path):
 
 # ---------------------------------------------------------------- the Ray engine, no cluster ------
 def test_plan_names_shards_chunks_lists_and_refuses_clashes(shard_dir, good_folder, tmp_path):
-    from captioner.distributed import plan
+    from captioner.pipeline.distributed import plan
     from captioner.errors import UsageProblem
 
     lst = tmp_path / "part.txt"
@@ -197,9 +197,9 @@ def test_plan_names_shards_chunks_lists_and_refuses_clashes(shard_dir, good_fold
 
 
 def test_caption_shard_writes_its_file_then_its_marker(shard_dir, tiny_model, tmp_path):
-    from captioner.batch import CaptionJob
-    from captioner.distributed import Shard, caption_shard, finished, marker, shard_file
-    from captioner.model import Captioner
+    from captioner.pipeline.batch import CaptionJob
+    from captioner.pipeline.distributed import Shard, caption_shard, finished, marker, shard_file
+    from captioner.pipeline.captioner import Captioner
 
     cap = Captioner.load(tiny_model, backend="torch")
     (tmp_path / "_done").mkdir()
@@ -217,7 +217,7 @@ def test_caption_shard_writes_its_file_then_its_marker(shard_dir, tiny_model, tm
 
 
 # ------------------------------------------------------------- without the extras, and usage ------
-BLOCK = "import sys; sys.modules[{mod!r}] = None; from captioner.cli import main; sys.exit(main(sys.argv[1:]))"
+BLOCK = "import sys; sys.modules[{mod!r}] = None; from captioner.cli.main import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.mark.parametrize("mod,hint", [("ray", "pip install 'captioner[ray]'"), ("pyarrow", "pip install pyarrow")])
@@ -250,8 +250,8 @@ def test_ray_usage_errors_before_anything_runs(shard_dir, tiny_model, tmp_path, 
 
 def test_ray_address_or_an_input():
     """`--ray a.tar b.tar`: argparse gives --ray the first word; an input goes back to the inputs."""
-    from captioner.batch import check_caption_args
-    from captioner.cli import build_parser
+    from captioner.cli.caption import check_caption_args
+    from captioner.cli.main import build_parser
 
     for argv, address, inputs in ((["--ray", "a.tar", "b.tar"], "", ["a.tar", "b.tar"]),
                                   (["a.tar", "--ray", "auto"], "auto", ["a.tar"]),

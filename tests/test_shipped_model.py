@@ -9,7 +9,8 @@ import torch
 from conftest import shared_or_skip
 from PIL import Image, ImageDraw
 
-from captioner.model import Captioner, default_model_path
+from captioner.pipeline.captioner import Captioner
+from captioner.model.checkpoint import default_model_path
 
 
 def test_shipped_checkpoint_is_plain_and_consistent():

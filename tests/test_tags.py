@@ -10,11 +10,11 @@ from importlib import resources
 import pytest
 import torch
 
-from captioner import tags as T
-from captioner import video as V
-from captioner.cli import main
-from captioner.tags import FrameCaption
-from captioner.vocab import stopwords
+from captioner.media import tags as T
+from captioner.media import video as V
+from captioner.cli.main import main
+from captioner.media.tags import FrameCaption
+from captioner.model.vocab import stopwords
 from conftest import picture
 
 
@@ -72,7 +72,7 @@ def test_tags_in_json_and_csv(tmp_path):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from captioner.model import Captioner
+    from captioner.pipeline.captioner import Captioner
 
     return Captioner.load()
 
@@ -84,7 +84,7 @@ def test_imagenet_labels_are_the_encoders_classifier(shipped):
     images = [*pics[:3], picture(1, (224, 224))]
     x = shipped.preprocess(images)
     labels = shipped.imagenet_labels(shipped.encode(x), k=3)
-    from captioner.encoder import imagenet_categories
+    from captioner.model.encoder import imagenet_categories
 
     _, logits = shipped.encoder.encode(x)
     probs, idx = torch.softmax(logits, 1).topk(3, 1)

@@ -15,9 +15,10 @@ import pytest
 import torch
 from synth import make_dataset
 
-from captioner.evaluate import evaluate
-from captioner.model import Captioner, load_checkpoint
-from captioner.train import TrainConfig, train
+from captioner.training.evaluate import evaluate
+from captioner.pipeline.captioner import Captioner
+from captioner.model.checkpoint import load_checkpoint
+from captioner.training.train import TrainConfig, train
 
 SMALL = dict(encoder="pixels", pretrained=False, feat_proj=128, embed_dim=64, hidden_dim=128, attn_dim=64,
              dropout=0.1, alpha_c=0.1, min_count=1, lr=2e-3, batch_size=32, beam=1, lr_patience=3, num_workers=0)
@@ -105,8 +106,8 @@ def test_text_only_captions_train_the_language(tmp_path):
     batches (with a blank grid); val/test captions without images never do."""
     import csv
 
-    from captioner.data import load_dataset, load_text_only
-    from captioner.vocab import Vocab
+    from captioner.training.data import load_dataset, load_text_only
+    from captioner.model.vocab import Vocab
 
     data = make_dataset(tmp_path / "d", n_train=60, n_val=12, n_test=6)
     with data.open("a", newline="") as f:
@@ -183,7 +184,7 @@ def test_finetune_last_stage_on_cached_trunk_activations(tmp_path):
     tuned = ckpt["encoder"]
     assert tuned and all(k.split(".")[0] in ("blocks", "conv_head", "bn2") for k in tuned)
     assert all(k.startswith("blocks.6.") for k in tuned if k.startswith("blocks"))
-    from captioner.encoder import Encoder, EncoderConfig
+    from captioner.model.encoder import Encoder, EncoderConfig
 
     fresh = Encoder(EncoderConfig("efficientnet_lite0")).net.state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in tuned.items() if v.is_floating_point())
@@ -191,7 +192,7 @@ def test_finetune_last_stage_on_cached_trunk_activations(tmp_path):
     assert all(torch.equal(loaded[k].float(), v.float()) for k, v in tuned.items())
     cap = Captioner.load(best)  # prepared for inference: the tuned weights folded with their BatchNorms
     assert cap.caption([__import__("PIL.Image").Image.new("RGB", (64, 64), "red")])[0].text is not None
-    from captioner.train import export
+    from captioner.training.train import export
 
     small = load_checkpoint(export(best, tmp_path / "small.pt"))
     assert set(small["encoder"]) == set(tuned) and "train_state" not in small
@@ -202,9 +203,9 @@ def test_sampled_captions_and_their_log_probabilities():
     """scst.sample: k draws per image from the decoder's own distribution (<pad>/<start>/<unk> never drawn,
     <end> forced after max_len words); the log-probabilities it returns are those teacher forcing gives the same
     words, and the mask covers each caption up to and including its first <end>."""
-    from captioner.decoder import Decoder, DecoderConfig
-    from captioner.scst import sample
-    from captioner.vocab import Vocab
+    from captioner.model.decoder import Decoder, DecoderConfig
+    from captioner.training.scst import sample
+    from captioner.model.vocab import Vocab
 
     torch.manual_seed(0)
     vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", *[f"w{i}" for i in range(8)]])
@@ -260,9 +261,9 @@ def test_self_critical_training_from_init(tmp_path, shapes):
 
 
 def test_rewards_are_cider_d_plus_weighted_bleu():
-    from captioner.metrics import CiderD, coco_bleu
-    from captioner.scst import rewards
-    from captioner.vocab import Vocab, tokenize
+    from captioner.training.metrics import CiderD, coco_bleu
+    from captioner.training.scst import rewards
+    from captioner.model.vocab import Vocab, tokenize
 
     refs = [["a red circle above a blue square", "a blue square below a red circle"],
             ["a green triangle left of a yellow circle", "a yellow circle right of a green triangle"]]

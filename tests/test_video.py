@@ -1,4 +1,4 @@
-"""captioner.video on tiny synthetic videos made with PyAV: 10 s, 10 fps, 64x48, a solid colour per 2 s."""
+"""captioner.media.video on tiny synthetic videos made with PyAV: 10 s, 10 fps, 64x48, a solid colour per 2 s."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import video as V
+from captioner.media import video as V
 from captioner.errors import CaptionerError
-from captioner.video import VideoError
+from captioner.media.video import VideoError
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
            "white": (255, 255, 255)}
