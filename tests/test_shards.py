@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import jpeg_bytes, make_shards, picture, picture_folder, write_shard
+from conftest import jpeg_bytes, make_shards, picture_folder, write_shard
 
 from captioner.cli.main import main
 from captioner.media.shards import TarImage, TarProblem, gather, read_path_list, read_shard

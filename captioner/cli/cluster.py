@@ -54,7 +54,8 @@ def check_ray_args(args: argparse.Namespace, world: int) -> bool:
         raise UsageError("--ray and torchrun are two ways to use several machines: use one")
     if args.output is None:
         raise UsageError("--ray needs -o DIR: a folder for one Parquet file per shard")
-    if args.output.suffix.lower() in (".csv", ".jsonl", ".sqlite", ".sqlite3", ".db", ".parquet") and not args.output.is_dir():
+    file_like = args.output.suffix.lower() in (".csv", ".jsonl", ".sqlite", ".sqlite3", ".db", ".parquet")
+    if file_like and not args.output.is_dir():
         raise UsageError(f"with --ray, -o is a folder (one Parquet file per shard), not {args.output.suffix} file")
     if args.write_metadata or args.sidecar:
         raise UsageError("--write-metadata and --sidecar write files on the machine that has them: run without --ray")

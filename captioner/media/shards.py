@@ -160,7 +160,8 @@ def read_path_list(path: str | os.PathLike) -> list[tuple[str, str | None]]:
                     raise CaptionerError(f"{display_name(path)}: a path list needs a `path` column "
                                          f"(columns: {', '.join(reader.fieldnames or []) or 'none'})")
                 has_key = "key" in (reader.fieldnames or [])
-                rows = [(r["path"], (r["key"] or None) if has_key else None) for r in reader if (r["path"] or "").strip()]
+                rows = [(r["path"], (r["key"] or None) if has_key else None) for r in reader
+                        if (r["path"] or "").strip()]
         else:
             rows = _parquet_list(path)
     except OSError as exc:
@@ -195,7 +196,8 @@ def _parquet_list(path: Path) -> list[tuple[str, str | None]]:
     except CaptionerError:
         raise
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors: not Parquet, damaged
-        raise CaptionerError(f"cannot read {display_name(path)} as Parquet ({' '.join(str(exc).split())[:200]})") from None
+        why = " ".join(str(exc).split())[:200]
+        raise CaptionerError(f"cannot read {display_name(path)} as Parquet ({why})") from None
     paths = table.column("path").to_pylist()
     keys = table.column("key").to_pylist() if "key" in names else [None] * len(paths)
     return [(str(p), None if k is None else str(k)) for p, k in zip(paths, keys) if p]
