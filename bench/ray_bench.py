@@ -100,7 +100,7 @@ def main() -> None:
         import ray
         from ray.cluster_utils import Cluster
 
-        from captioner.pipeline.distributed import caption_shards
+        from captioner import caption_shards
 
         start = time.perf_counter()
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})

@@ -138,7 +138,7 @@ def test_cluster_captions_every_image_once_like_one_machine(cluster, shards, one
 def test_second_node_lost_mid_run_nothing_lost_or_doubled(cluster, shards, one_machine, tiny_model, tmp_path):
     """The second node is removed as soon as it has finished one shard (it has then been handed the next): Ray
     restarts its actor on the head and retries the lost shard there."""
-    from captioner.pipeline.distributed import caption_shards
+    from captioner import caption_shards
 
     second = cluster.second.node_id
     removed: list[float] = []

@@ -1,6 +1,6 @@
 """Ray Data as the engine: `captioner caption SHARDS... -o DIR --ray [ADDRESS]`, and the same from Python:
 
-    from captioner.distributed import caption_shards
+    from captioner import caption_shards
     report = caption_shards(["shards/00000.tar", "shards/00001.tar"], "captions/", address="auto")
 
 The unit of work is a shard: a WebDataset .tar, or a chunk of --ray-shard-size paths from a path list or from
@@ -254,9 +254,8 @@ def connected(address: str | None, verbose: bool = False) -> Iterator[Any]:
     ray = ray_module()
     opened = not ray.is_initialized()
     if opened:
-        if not verbose:  # the driver's C++ core logs an "E" line per Ray Data actor that is no error (docs/scale.md)
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        if not verbose:  # a new local instance's notice about its auth token
+        if not verbose:  # the driver's C++ core logs an "E" line per Ray Data actor that is no error (docs/scale.md),
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # a new local instance a notice on its token
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         try:
             ray.init(address=None if address in (None, "", "local") else address,
