@@ -154,10 +154,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         raise CaptionerError(f"cannot write {display_name(path)}: {exc.strerror or exc}") from None
 
 
-def caption_shard(cap: Any, shard: Shard, out: Path, job: Any, alternatives: bool) -> dict[str, Any]:
+def caption_shard(cap: Any, shard: Shard, out: Path, job: Any, alternatives: bool,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Caption one shard in this process: DIR/NAME.parquet, then its marker (written last). Returns the marker's
-    summary (rows, failed, warned, the first errors). Bad images are error rows; only a write that fails
-    raises (Ray then retries the task)."""
+    summary (rows, failed, warned, the first errors, and `extra`: who did it). Bad images are error rows; only a
+    write that fails raises (Ray then retries the task)."""
     from .batch import caption_files
     from .parquet import record, write_table
 
@@ -173,7 +174,7 @@ def caption_shard(cap: Any, shard: Shard, out: Path, job: Any, alternatives: boo
     summary = {"shard": shard.name, "source": shard.source, "digest": shard.digest(), "rows": len(rows),
                "failed": len(failed), "warned": sum(1 for r in rows if r.get("warning") and not r["error"]),
                "errors": failed[:MAX_ERRORS_SHOWN], "model": cap.model_id, "host": socket.gethostname(),
-               "seconds": round(time.monotonic() - start, 3)}
+               "seconds": round(time.monotonic() - start, 3), **(extra or {})}
     _write_json(marker(out, shard.name), summary)
     return summary
 
@@ -207,8 +208,9 @@ class ShardCaptioner:
             shard = Shard(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(str(text)).items()})
             summary = finished(self.out, shard)  # a retry of a shard that was written before its actor died
             if summary is None:
-                summary = caption_shard(self.cap, shard, self.out, self.job, self.alternatives)
-            done.append(json.dumps({**summary, "node": _node_id()}))
+                summary = caption_shard(self.cap, shard, self.out, self.job, self.alternatives,
+                                        {"node": _node_id(), "pid": os.getpid()})
+            done.append(json.dumps(summary))
         return {"summary": done}
 
 
