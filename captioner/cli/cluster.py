@@ -25,7 +25,7 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="caption on a Ray cluster into -o DIR: one DIR/NAME.parquet per shard (each .tar; "
                         "--ray-shard-size images of path lists, files and folders) and a marker DIR/_done/NAME.json "
-                        "written last; --resume skips shards with a marker. ADDRESS: auto, HOST:PORT or "
+                        "written last; --resume skips shards with a marker. ADDRESS: auto, local, HOST:PORT or "
                         "ray://HOST:PORT (default: RAY_ADDRESS, or the cluster started on this machine, else a new "
                         "local one)")
     g.add_argument("--ray-concurrency", type=CONCURRENCY, default=None, metavar="N",

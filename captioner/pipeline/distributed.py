@@ -260,7 +260,7 @@ def connected(address: str | None, verbose: bool = False) -> Iterator[Any]:
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # a new local instance a notice on its token
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         try:
-            ray.init(address=None if address in (None, "", "local") else address,
+            ray.init(address=address or None,
                      logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=verbose)
         except Exception as exc:  # noqa: BLE001 - ConnectionError, a timeout, a bad address: one line
             raise CaptionerError(f"cannot start or reach the Ray cluster{f' at {address}' if address else ''}: "
