@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make app    set up (first use only) and start the web app on the shipped model
-#   make test   set up (first use only), install Chromium and exiftool for the tests that use them where
-#               apt-get can, and run the test suite; .ci/run is exactly `make test`
+#   make test   set up (first use only; with the [ray] extra, so the cluster tests run), install Chromium and
+#               exiftool for the tests that use them where apt-get can, and run the test suite; .ci/run is
+#               exactly `make test`
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	touch $@
 
 app: setup

@@ -5,6 +5,7 @@ The public API is what this module gives, for scripts and notebooks:
     from captioner import Captioner
     cap = Captioner.load()                      # the shipped model; Captioner.load(path, backend="onnx")
     print(cap.caption([PIL.Image.open("photo.jpg")])[0].text)
+    caption_shards(["shards/00000.tar"], "captions/", address="auto")   # on a Ray cluster: docs/scale.md
 
 The parts, top to bottom (each may import only the parts below it; tests/test_layout.py checks): cli, app ->
 training -> pipeline (the Captioner facade) -> runtime -> media -> model, and the shared leaves errors, options
@@ -16,11 +17,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Caption", "Captioner", "CaptionerError", "__version__"]
+__all__ = ["Caption", "Captioner", "CaptionerError", "caption_shards", "__version__"]
 
 if TYPE_CHECKING:
     from .errors import CaptionerError
     from .pipeline.captioner import Caption, Captioner
+    from .pipeline.distributed import caption_shards
 
 
 def __getattr__(name: str) -> Any:
@@ -28,6 +30,9 @@ def __getattr__(name: str) -> Any:
     if name in ("Caption", "Captioner"):
         from .pipeline import captioner
         return getattr(captioner, name)
+    if name == "caption_shards":  # Ray Data over shards (docs/scale.md; needs captioner[ray] to run a job)
+        from .pipeline.distributed import caption_shards
+        return caption_shards
     if name == "CaptionerError":
         from .errors import CaptionerError
         return CaptionerError

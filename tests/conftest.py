@@ -84,3 +84,44 @@ def make_tiny_model(path: Path, seed: int = 0, words: tuple[str, ...] = ("a", "r
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def jpeg_bytes(i: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """picture(i) as JPEG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    picture(i, size).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset tar (img2dataset's layout): for each (key, {ext: data}) the members KEY.ext, in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_shards(folder: Path, shards: int, per_shard: int, corrupt: int = 0) -> list[Path]:
+    """`shards` tars of `per_shard` JPEG samples each (KEY.jpg, KEY.json, KEY.txt, keys as img2dataset makes them);
+    the last `corrupt` samples of each shard hold bytes that are no image."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for s in range(shards):
+        samples = []
+        for i in range(per_shard):
+            key, n = f"{s:05d}{i:04d}", s * per_shard + i
+            image = jpeg_bytes(n) if i < per_shard - corrupt else b"not an image %d" % n
+            samples.append((key, {"jpg": image, "json": json.dumps({"key": key, "n": n}).encode(),
+                                  "txt": f"alt text {n}".encode()}))
+        made.append(write_shard(folder / f"{s:05d}.tar", samples))
+    return made

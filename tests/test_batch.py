@@ -107,7 +107,7 @@ def test_missing_input_counts_as_failure(good_folder, tiny_model, tmp_path, caps
 def test_usage_and_model_errors(good_folder, tiny_model, tmp_path, capsys):
     assert run(good_folder, "-o", tmp_path / "out.txt", "--model", tiny_model) == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: ") and "out.txt" not in os.listdir(tmp_path) and ".csv, .jsonl or .sqlite" in err
+    assert err.startswith("usage: ") and "out.txt" not in os.listdir(tmp_path) and ".csv, .jsonl, .parquet or .sqlite" in err
     assert run(good_folder, "--resume", "--model", tiny_model) == 2  # --resume needs -o
     capsys.readouterr()
     assert run(good_folder, "-o", tmp_path / "out.csv", "--model", tmp_path / "missing.pt") == 1

@@ -16,7 +16,6 @@ from ..errors import CaptionerError, UsageProblem
 from ..media.images import (
     MAX_PIXELS,
     display_name,
-    find_images,
     path_text,
     skipped_summary,
 )
@@ -55,6 +54,7 @@ log = logging.getLogger("captioner")
 
 def add_caption_parser(sub: argparse._SubParsersAction) -> None:
     from ..media.metadata import add_metadata_args
+    from .cluster import add_ray_args
 
     p = sub.add_parser(
         "caption", help="caption image files, folders and glob patterns in batches",
@@ -67,13 +67,17 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXIT_EPILOG + " Several processes: `torchrun --nproc_per_node=N -m captioner caption PATH... -o OUT` (-o is "
                "required, stdout mode is refused): process r captions images r, r+N, ... into OUT.rank<r>.part; "
                "process 0 merges them into OUT in sorted order, deletes the parts and sets the exit code "
-               "(torchrun reports any non-zero code as a failure).")
-    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders, glob patterns (quoted)")
+               "(torchrun reports any non-zero code as a failure). Many machines, with retries and per-shard resume: --ray "
+               "(docs/scale.md).")
+    p.add_argument("inputs", nargs="*", metavar="PATH",  # "*": --ray [ADDRESS] may take the first (check_ray_args)
+                   help="image files, folders, glob patterns (quoted), WebDataset shards (.tar) and path lists "
+                        "(.txt, one path per line; .csv or .parquet with a path column; docs/scale.md)")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders; `**` in patterns")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="OUT",
-                   help="out.csv, out.jsonl, or library.sqlite: a SQLite library with a full-text index of the "
+                   help="out.csv, out.jsonl, out.parquet (also key, shard, model and each sample's json/txt), or "
+                        "library.sqlite: a SQLite library with a full-text index of the "
                         "captions (path, size, mtime, caption, alternatives, score, model, time), searched by "
-                        "`captioner search`")
+                        "`captioner search`; with --ray a folder")
     p.add_argument("--topk", type=TOPK, default=None,
                    help=f"also write the N best captions (alternatives; N <= --beam, else a usage error), {TOPK.describe()}")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help=f"images per batch, {BATCH_SIZE.describe()} (default 32)")
@@ -94,6 +98,7 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (without --resume or --overwrite an existing OUT is refused, exit 2)")
     add_metadata_args(p)
+    add_ray_args(p)
     add_model_args(p)
     add_backend_args(p, compile_alias=True)
     add_search_args(p)
@@ -102,7 +107,7 @@ def add_caption_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def output_format(output: Path | None) -> str | None:
-    """csv, jsonl or sqlite by OUT's suffix (None without -o; anything else is returned for the usage error)."""
+    """csv, jsonl, parquet or sqlite by OUT's suffix (None without -o; anything else is returned for the usage error)."""
     from ..media.library import SUFFIXES
 
     if output is None:
@@ -113,12 +118,26 @@ def output_format(output: Path | None) -> str | None:
 def check_caption_args(args: argparse.Namespace) -> None:
     """Options that do not go together: a UsageError (exit 2) before anything is loaded."""
     from ..media import metadata
+    from ..media.shards import is_shard
+    from ..pipeline import parquet
+    from .cluster import check_ray_args
 
     world, _ = _world()
     resolve_backend(args)
+    ray = check_ray_args(args, world)  # --ray's own rules (cli/cluster.py)
+    if not args.inputs:
+        raise UsageError("the following arguments are required: PATH")
+    if ray:
+        return
     fmt, tagging = output_format(args.output), args.write_metadata or args.sidecar
-    if args.output is not None and fmt not in (*FORMATS, "sqlite"):
-        raise UsageError(f"unknown output format {args.output.suffix or args.output.name!r}: use .csv, .jsonl or .sqlite")
+    if args.output is not None and fmt not in (*FORMATS, "parquet", "sqlite"):
+        raise UsageError(f"unknown output format {args.output.suffix or args.output.name!r}: use .csv, .jsonl, "
+                         ".parquet or .sqlite")
+    if any(is_shard(os.fsdecode(i)) for i in args.inputs) and (fmt == "sqlite" or tagging):
+        raise UsageError("images inside .tar shards go to -o out.parquet, .csv or .jsonl, not to a .sqlite library "
+                         "or image metadata")
+    if fmt == "parquet" and world > 1:
+        raise UsageError("a .parquet file is written by one process: run without torchrun (or with --ray)")
     if args.output is None and (args.resume and not tagging or world > 1):
         raise UsageError("--resume and torchrun need -o OUT (--resume also works with --write-metadata or --sidecar)")
     if fmt == "sqlite" and world > 1:
@@ -128,7 +147,8 @@ def check_caption_args(args: argparse.Namespace) -> None:
                          "captions (raise --beam)")
     if args.resume and args.overwrite:
         raise UsageError("--resume keeps OUT's rows, --overwrite replaces them: use one")
-    if args.output is not None and not (args.resume or args.overwrite) and _has_rows(args.output):
+    if args.output is not None and not (args.resume or args.overwrite) and (
+            parquet.has_rows(args.output) if fmt == "parquet" else _has_rows(args.output)):
         raise UsageProblem(f"{display_name(args.output)} exists: use --resume to add to it or --overwrite to replace it")
     problem = metadata.usage_problem(args)
     if problem:
@@ -163,14 +183,19 @@ def _echo(rows: list[Row], stdout: bool, alternatives: bool) -> None:
 
 
 def run_caption(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        from .cluster import run_ray
+
+        return run_ray(args)
     from ..media import metadata
     from ..media.library import LibraryWriter
+    from ..media.shards import gather
 
     world, rank = _world()
     tagging = metadata.metadata_options(args)
     fmt = output_format(args.output)
     skipped: list[Path] = []
-    paths, input_errors = find_images(args.inputs, args.recursive, skipped)
+    paths, input_errors, sources = gather(args.inputs, args.recursive, skipped)  # files, path lists, tar shards
     for name, msg in input_errors if rank == 0 else []:
         print(f"captioner: {name}: {msg}", file=sys.stderr)
     for p in skipped if rank == 0 and args.verbose else []:
@@ -212,6 +237,11 @@ def run_caption(args: argparse.Namespace) -> int:
         if fmt == "sqlite":
             writer = LibraryWriter(out, cap.model_id, stamps, alternatives, resume=args.resume)
             old = writer.kept(paths) if args.resume else []
+        elif fmt == "parquet":
+            from ..pipeline.parquet import ParquetWriter
+
+            writer = ParquetWriter(out, cap.model_id, sources, alternatives, resume=args.resume)
+            old = writer.kept()
         else:
             for f in ([out] + (_parts(out) if world > 1 else [])) if args.resume else []:
                 old += read_rows(f, fmt, fix=f == part)
@@ -220,6 +250,8 @@ def run_caption(args: argparse.Namespace) -> int:
         stack.callback(writer.close)
         results = caption_files(cap, [p for p in paths[rank::world] if path_text(p) not in done and str(p) not in done], job,
                                 lambda rows: (tag(rows), _echo(rows, False, alternatives), writer(rows)))
+    if fmt == "parquet":
+        writer.finish(paths)  # OUT written from the journal, atomically
     rows: list[Row] = old + results
     if world > 1:
         import torch.distributed as dist

@@ -174,7 +174,8 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
     def _one(self, i: int) -> tuple[torch.Tensor | None, str, str]:
         """(preprocessed image or None, error, warning)."""
         try:
-            image = _load(self.paths[i], self.min_side, self.max_pixels)
+            p = self.paths[i]  # a file, or an image inside a tar shard (media/shards.py: it loads itself)
+            image = _load(p, self.min_side, self.max_pixels) if isinstance(p, Path) else p.load(self.max_pixels)
             return self.transform(image), "", size_warning(image)
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with an error, the batch goes on
             msg = str(exc) if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
@@ -224,7 +225,8 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,
                             no_repeat_ngram=job.no_repeat_ngram, no_repeat_words=job.no_repeat_words)
-    paths = [Path(os.fsdecode(p)) for p in paths]  # str, PathLike or bytes (os.fsdecode: any name, losslessly)
+    paths = [p if hasattr(p, "load") else Path(os.fsdecode(p)) for p in paths]  # str, PathLike or bytes (os.fsdecode:
+    # any name, losslessly), or a shards.TarImage
     per_image, per_batch, min_side = _split_transform(cap.transform)
     batches = -(-len(paths) // max(1, job.batch_size))
     workers = min(job.workers, batches) if cap.device.type == "cpu" and batches > 1 else 0  # one batch: here
