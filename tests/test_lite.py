@@ -96,3 +96,125 @@ def test_preprocessing_settings_round_trip():
     spec = preprocessing("resnet50", "squash")
     assert Preprocessing.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert preprocess([], spec).shape == (0, 3, 224, 224)
+
+
+# ----------------------------------------------------------------------------------------------- search ------
+def random_decoder(seed: int, cell: str = "lstm", vocab: int = 40):
+    """A small random decoder with peaked word distributions (as a trained one has: few near-ties)."""
+    from captioner.model.decoder import Decoder, DecoderConfig
+
+    torch.manual_seed(seed)
+    cfg = DecoderConfig(vocab_size=vocab, feat_dim=24, feat_proj=16, embed_dim=12, hidden_dim=20, attn_dim=8,
+                        dropout=0.0, cell=cell, tie_weights=seed % 2 == 0, attributes=5 if seed % 3 == 0 else 0)
+    dec = Decoder(cfg).eval()
+    with torch.no_grad():
+        dec.L_o.weight.mul_(12.0)
+        dec.L_o.bias[2] = -1.0  # <end> not at once
+    return dec
+
+
+def numpy_step(decoder):
+    """A torch Decoder as the lite search's step: numpy arrays in and out."""
+
+    def step(words, a, keys, state):
+        with torch.no_grad():
+            logits, (h, c), alpha = decoder.step(torch.from_numpy(words), torch.from_numpy(a), torch.from_numpy(keys),
+                                                 (torch.from_numpy(state[0]), torch.from_numpy(state[1])))
+        return logits.numpy(), (h.numpy(), c.numpy()), alpha.numpy()
+
+    return step
+
+
+def both_searches(decoder, feats, cfg, mask):
+    """(torch search's hypotheses, the same search's with every beam returned, the NumPy search's)."""
+    from dataclasses import replace
+
+    from captioner.lite import search as lite
+    from captioner.model import search as torch_search
+
+    want = torch_search.search(decoder, feats, cfg, (0, 1, 2, 3), torch.from_numpy(mask))
+    pool = torch_search.search(decoder, feats, replace(cfg, topk=max(cfg.beam, 1)), (0, 1, 2, 3), torch.from_numpy(mask))
+    with torch.no_grad():
+        a, keys, (h, c) = decoder.prepare(feats)
+    got = lite.search(numpy_step(decoder), a.numpy(), keys.numpy(), (h.numpy(), c.numpy()), cfg, (0, 1, 2, 3), mask)
+    return want, pool, got
+
+
+def same_hypotheses(want, pool, got, where) -> int:
+    """Asserts that the NumPy search returned the torch search's hypotheses: tokens, scores to float tolerance,
+    attention. Two hypotheses whose scores tie to ~1e-6 may come in either order (log_softmax in NumPy and in torch
+    differ in the last bits): returns 1 if there was such a swap, else 0."""
+    swaps = 0
+    assert len(got) == len(want), where
+    for i, (w, g) in enumerate(zip(want, got)):
+        assert g.score == pytest.approx(w.score, rel=1e-5, abs=1e-5), (where, i)
+        if g.tokens != w.tokens:  # a near-tie: g must be another of torch's hypotheses with the same score
+            twin = [p for p in pool if p.tokens == g.tokens]
+            assert twin and twin[0].score == pytest.approx(g.score, rel=1e-5, abs=1e-5), (where, i, w.tokens, g.tokens)
+            swaps = 1
+            w = twin[0]
+        assert g.logprob == pytest.approx(w.logprob, rel=1e-5, abs=1e-5), (where, i)
+        assert g.attention.shape == tuple(w.attention.shape) == (len(w.tokens), w.attention.shape[1]), (where, i)
+        np.testing.assert_allclose(g.attention, w.attention.numpy(), rtol=0, atol=1e-6)
+    return swaps
+
+
+SEARCH_OPTIONS = [dict(), dict(length_penalty=0.7), dict(min_len=4), dict(max_len=3), dict(max_len=12),
+                  dict(no_repeat_ngram=1), dict(no_repeat_ngram=2), dict(no_repeat_ngram=3), dict(no_repeat_words=True),
+                  dict(suppress_unk=False), dict(topk=5), dict(no_repeat_words=True, no_repeat_ngram=2, min_len=2,
+                                                             length_penalty=1.0, topk=3)]
+
+
+@pytest.mark.parametrize("beam", [1, 3, 5])
+@pytest.mark.parametrize("options", SEARCH_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_numpy_search_gives_the_torch_searchs_hypotheses(beam, options):
+    from captioner.model.search import SearchConfig
+
+    swaps = 0
+    for seed, cell in [(0, "lstm"), (1, "gru"), (3, "lstm")]:
+        decoder = random_decoder(seed, cell)
+        rng = np.random.default_rng(seed)
+        feats = torch.from_numpy(rng.normal(size=(6, 9, 24)).astype(np.float32))
+        mask = rng.random(decoder.cfg.vocab_size) < 0.7
+        mask[:4] = False
+        cfg = SearchConfig(**{"beam": beam, "max_len": 8, **options})
+        cfg.topk = min(cfg.topk, beam)
+        want, pool, got = both_searches(decoder, feats, cfg, mask)
+        assert len(got) == len(want) == 6
+        for image, (ws, ps, gs) in enumerate(zip(want, pool, got)):
+            assert len(gs) == min(cfg.topk, beam)
+            swaps += same_hypotheses(ws, ps, gs, (seed, cell, image))
+    assert swaps <= 1  # of 18 images (seed 0's image 3 has two captions whose float32 scores tie in torch)
+
+
+def test_search_finishes_rows_and_keeps_lengths_apart():
+    """Images whose captions end early drop out while others go on; every hypothesis is cut at <end>."""
+    from captioner.lite.search import SearchConfig, search
+
+    decoder = random_decoder(4)
+    rng = np.random.default_rng(4)
+    feats = torch.from_numpy(rng.normal(size=(16, 9, 24)).astype(np.float32))
+    with torch.no_grad():
+        a, keys, (h, c) = decoder.prepare(feats)
+    calls = []
+    inner = numpy_step(decoder)
+
+    def counting(words, a_, keys_, state):
+        calls.append(len(words))
+        return inner(words, a_, keys_, state)
+
+    hyps = search(counting, a.numpy(), keys.numpy(), (h.numpy(), c.numpy()), SearchConfig(beam=3, max_len=15))
+    lengths = [len(hs[0].tokens) for hs in hyps]
+    assert all(2 not in hs[0].tokens for hs in hyps) and 0 < min(lengths)
+    assert calls[0] == 48 and (min(lengths) == max(lengths) or min(calls) < 48)
+
+
+def test_search_options_are_checked_like_the_clis():
+    from captioner.errors import CaptionerError
+    from captioner.lite.search import SearchConfig, configure
+
+    base = SearchConfig(beam=3, topk=1)
+    assert configure(base, beam=5, topk=9).topk == 5 and configure(base, beam=None).beam == 3
+    for bad in (dict(beam=0), dict(max_len=1000), dict(colour="red"), dict(length_penalty=float("nan"))):
+        with pytest.raises(CaptionerError):
+            configure(base, **bad)

@@ -8,31 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..lite.search import LOW_SCORE, NEG, SearchConfig, score_warning  # noqa: F401 - one config, re-exported
 from .decoder import Decoder
-
-NEG = -1e9
-# A caption scoring below this (raw log-prob, length_penalty 0) is flagged "low confidence": the shipped model's
-# 1st percentile on the Flickr8k dev images, beam 3 (docs/results.md "Low-confidence captions").
-LOW_SCORE = -21.8
-
-
-def score_warning(score: float | None, length_penalty: float = 0.0) -> str:
-    """'' for a usual score; a one-line warning for one below LOW_SCORE (raw log-probs only)."""
-    if score is None or length_penalty or score >= LOW_SCORE:
-        return ""
-    return f"low confidence (score {score:.1f} below {LOW_SCORE:g})"
-
-
-@dataclass
-class SearchConfig:
-    beam: int = 3
-    max_len: int = 20  # words, <end> not counted
-    min_len: int = 1
-    length_penalty: float = 0.0  # score / len**length_penalty ; 0 = raw log-prob
-    no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0 = off)
-    no_repeat_words: bool = False  # never repeat a content word within a caption (needs `repeat_mask`, see search)
-    suppress_unk: bool = True
-    topk: int = 1  # alternatives returned per image (<= beam)
 
 
 @dataclass
