@@ -218,3 +218,238 @@ def test_search_options_are_checked_like_the_clis():
     for bad in (dict(beam=0), dict(max_len=1000), dict(colour="red"), dict(length_penalty=float("nan"))):
         with pytest.raises(CaptionerError):
             configure(base, **bad)
+
+
+# ----------------------------------------------------------------------------------------- bundle, captioner ------
+def make_model(path: Path, cell: str = "lstm", attributes: int = 0, fp16: bool = False, seed: int = 0) -> Path:
+    """A tiny random checkpoint on the `pixels` encoder (conftest.make_tiny_model's kind), optionally a GRU, with
+    the ImageNet attributes path, or with fp16 weights (as `captioner export` stores the shipped model)."""
+    from captioner.model.checkpoint import save_checkpoint
+    from captioner.model.decoder import Decoder, DecoderConfig
+    from captioner.model.search import SearchConfig
+    from captioner.model.vocab import SPECIALS
+
+    torch.manual_seed(seed)
+    itos = list(SPECIALS) + ["a", "red", "blue", "circle", "square", "above", "the", "dog", "on", "grass"]
+    cfg = DecoderConfig(vocab_size=len(itos), feat_dim=192, feat_proj=32, embed_dim=16, hidden_dim=32, attn_dim=16,
+                        dropout=0.0, cell=cell, attributes=attributes)
+    dec = Decoder(cfg)
+    with torch.no_grad():
+        dec.L_o.weight.mul_(8.0)
+        dec.L_o.bias[2] = -2.0
+    state = {k: (v.half() if fp16 else v) for k, v in dec.state_dict().items()}
+    save_checkpoint(path, {"config": {"encoder": {"name": "pixels", "pretrained": False, "grid": 7},
+                                      "decoder": cfg.to_dict(),
+                                      "search": SearchConfig(beam=3, max_len=8, no_repeat_words=True).__dict__},
+                           "vocab": itos, "decoder": state})
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """name -> (checkpoint, bundle folder), exported through the CLI once for the module."""
+    from captioner.cli.main import main
+
+    root = tmp_path_factory.mktemp("bundles")
+    made = {}
+    for name, kwargs, flags in [("lstm", {}, []), ("gru", {"cell": "gru", "seed": 1}, []),
+                                ("imagenet", {"attributes": 1000, "seed": 2}, []),
+                                ("fp16-exact", {"fp16": True, "seed": 3}, []), ("fp16-all", {"seed": 3}, ["--fp16"])]:
+        ckpt = make_model(root / f"{name}.pt", **kwargs)
+        assert main(["export-onnx", str(ckpt), str(root / name), "-q", *flags]) == 0
+        made[name] = (ckpt, root / name)
+    return made
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    from conftest import picture
+
+    folder = tmp_path_factory.mktemp("lite-pictures")
+    paths = []
+    for i, size in enumerate([(64, 48), (200, 90), (33, 120), (320, 240), (57, 57)]):
+        paths.append(folder / f"p{i}.png")
+        picture(i, size).save(paths[-1])
+    return paths
+
+
+def test_bundle_files_and_manifest(bundles):
+    from captioner.lite.bundle import FILES, read_bundle
+    from captioner.pipeline.captioner import Captioner
+
+    ckpt, folder = bundles["imagenet"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*FILES.values(), "model.json"])
+    b = read_bundle(folder)
+    cap = Captioner.load(ckpt)
+    assert b.model_id == cap.model_id and b.itos == cap.vocab.itos and b.grid == 7 and b.input == (3, 56, 56)
+    assert b.content_mask.tolist() == cap.vocab.content_mask() and b.search == cap.search_cfg
+    assert len(b.imagenet_categories) == 1000 and b.manifest["decoder"]["init_outputs"][-1] == "imagenet"
+    assert read_bundle(bundles["lstm"][1]).imagenet_categories == []
+
+
+def torch_captions(ckpt: Path, images, backend: str = "onnx", **options):
+    from captioner.pipeline.captioner import Captioner
+
+    return Captioner.load(ckpt, backend=backend).caption(images, **options)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "imagenet", "fp16-exact"])
+@pytest.mark.parametrize("options", [dict(beam=1), dict(beam=3, topk=3), dict(beam=5, no_repeat_ngram=2, min_len=3),
+                                     dict(beam=3, length_penalty=0.5, no_repeat_words=False, max_len=4)])
+def test_lite_captioner_gives_the_torch_captioners_captions(bundles, pictures, name, options):
+    from captioner.lite.captioner import LiteCaptioner
+
+    ckpt, folder = bundles[name]
+    lite = LiteCaptioner.load(folder, threads=1)
+    got = lite.caption(pictures, **options)
+    want = torch_captions(ckpt, [str(p) for p in pictures], **options)
+    for g, w in zip(got, want, strict=True):
+        assert g.text == w.text and g.words == w.words
+        assert g.score == pytest.approx(w.score, abs=1e-4)
+        assert g.attention.shape == w.attention.shape == (len(w.words), 7, 7)
+        np.testing.assert_allclose(g.attention, w.attention, atol=1e-4)
+        assert [t for t, _ in g.alternatives] == [t for t, _ in w.alternatives]
+        assert np.allclose([s for _, s in g.alternatives], [s for _, s in w.alternatives], atol=1e-4)
+
+
+def test_lite_captioner_features_labels_and_inputs(bundles, pictures):
+    from captioner.errors import CaptionerError
+    from captioner.lite.captioner import LiteCaptioner
+    from captioner.pipeline.captioner import Captioner
+
+    ckpt, folder = bundles["imagenet"]
+    lite, cap = LiteCaptioner.load(folder, threads=1), Captioner.load(ckpt)
+    images = [Image.open(p) for p in pictures]
+    batch = lite.preprocess(images)
+    assert np.array_equal(batch, cap.preprocess([to_rgb(im.copy()) for im in images]).numpy())
+    feats = lite.encode(batch)
+    np.testing.assert_allclose(feats, cap.encode(torch.from_numpy(batch)).numpy(), atol=1e-5)
+    labels, want = lite.imagenet_labels(feats, k=2), cap.imagenet_labels(torch.from_numpy(feats), k=2)
+    assert [[n for n, _ in row] for row in labels] == [[n for n, _ in row] for row in want]
+    assert lite.caption([]) == [] and lite.input_size() == (56, 56)
+    with pytest.raises(CaptionerError, match="beam=0"):
+        lite.caption(images, beam=0)
+    with pytest.raises(CaptionerError, match="images, not"):
+        lite.encode(np.zeros((1, 3, 10, 10), np.float32))
+    with pytest.raises(CaptionerError, match="missing.png"):
+        lite.caption([pictures[0].parent / "missing.png"])
+
+
+def test_fp16_storage(bundles, pictures):
+    """Weights that are fp16 numbers are stored as fp16 with no change to any output; --fp16 rounds the others
+    (smaller files), and the sessions still take and give float32."""
+    from captioner.lite.bundle import read_bundle
+    from captioner.lite.captioner import LiteCaptioner
+
+    exact = read_bundle(bundles["fp16-exact"][1]).manifest["files"]
+    assert exact["decoder_step"]["fp16_initializers"] > 0 and exact["decoder_step"]["rounded_to_fp16"] == 0
+    assert exact["encoder"]["fp16_initializers"] == 0  # the pixels encoder has no weights to store
+    plain = read_bundle(bundles["lstm"][1]).manifest["files"]
+    assert plain["decoder_step"]["fp16_initializers"] == 0  # random fp32 weights: kept as they are
+    rounded = read_bundle(bundles["fp16-all"][1]).manifest["files"]
+    assert rounded["decoder_step"]["rounded_to_fp16"] > 0
+    assert rounded["decoder_step"]["bytes"] < 0.8 * plain["decoder_step"]["bytes"]  # the same network, stored fp32
+    lite = LiteCaptioner.load(bundles["fp16-all"][1], threads=1)
+    session = lite.session("decoder_step")
+    assert {i.type for i in session.get_inputs() if i.name != "words"} == {"tensor(float)"}
+    assert all(len(c.words) >= 1 for c in lite.caption(pictures))
+
+
+def test_export_and_load_errors_are_one_line(bundles, tmp_path, capsys):
+    from captioner.cli.main import main
+    from captioner.errors import CaptionerError
+    from captioner.lite.captioner import LiteCaptioner
+
+    ckpt, folder = bundles["lstm"]
+    assert main(["export-onnx", str(ckpt), str(folder)]) == 2  # an existing bundle, no --overwrite
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    with pytest.raises(CaptionerError, match="does not exist"):
+        LiteCaptioner.load(tmp_path / "nowhere")
+    with pytest.raises(CaptionerError, match="has no model.json"):
+        LiteCaptioner.load(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in folder.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    data = bytearray((broken / "decoder_step.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "decoder_step.onnx").write_bytes(bytes(data))
+    with pytest.raises(CaptionerError, match="decoder_step.onnx is damaged"):
+        LiteCaptioner.load(broken)
+    (broken / "encoder.onnx").unlink()
+    with pytest.raises(CaptionerError, match="encoder.onnx is missing"):
+        LiteCaptioner.load(broken)
+
+
+# ------------------------------------------------------------------------------------------------ no torch ------
+NO_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'timm'):
+            raise ImportError(f'No module named {name!r} (blocked: the light install has no torch)')
+        return None
+sys.meta_path.insert(0, NoTorch())
+"""
+
+USE_LITE = """
+import json, pkgutil, sys
+try:
+    import torch
+except ImportError as exc:
+    blocked = str(exc)
+else:
+    raise SystemExit('torch was importable')
+import captioner, captioner.lite
+from captioner.lite.captioner import LiteCaptioner
+for mod in pkgutil.iter_modules(captioner.lite.__path__):
+    __import__('captioner.lite.' + mod.name)
+cap = LiteCaptioner.load(sys.argv[1], threads=1)
+out = [{'text': c.text, 'score': c.score, 'attention': list(c.attention.shape), 'alternatives': c.alternatives}
+       for c in cap.caption(sys.argv[2:], beam=3, topk=2)]
+print(json.dumps({'blocked': blocked, 'torch_loaded': any(m.split('.')[0] == 'torch' for m in sys.modules),
+                  'captions': out}))
+"""
+
+
+def test_the_light_core_runs_where_torch_cannot_be_imported(bundles, pictures):
+    from captioner.lite.captioner import LiteCaptioner
+
+    folder = bundles["lstm"][1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", NO_TORCH + USE_LITE, str(folder), *map(str, pictures)],
+                         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "blocked" in report["blocked"] and report["torch_loaded"] is False
+    want = LiteCaptioner.load(folder, threads=1).caption(pictures, beam=3, topk=2)
+    assert [c["text"] for c in report["captions"]] == [c.text for c in want]
+    assert [c["attention"] for c in report["captions"]] == [list(c.attention.shape) for c in want]
+    assert all(len(c["alternatives"]) == 2 for c in report["captions"])
+
+
+def test_the_blocker_blocks():
+    """The finder above does make `import torch` fail (else the test before proves nothing)."""
+    run = subprocess.run([sys.executable, "-c", NO_TORCH + "import torch"], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "blocked: the light install has no torch" in run.stderr
+
+
+# ------------------------------------------------------------------------------------------- shipped model ------
+def test_shipped_model_bundle_is_compact_and_captions_as_the_onnx_path(tmp_path):
+    """The shipped model as a bundle: within the issue's 40 MB with fp32 numbers (its decoder's weights are fp16
+    numbers already), and the example photos get today's `--backend onnx` captions."""
+    from captioner.lite.captioner import LiteCaptioner
+    from captioner.runtime.bundle import export_bundle
+
+    manifest = export_bundle(None, tmp_path / "shipped")
+    files = manifest["files"]
+    assert sum(f["bytes"] for f in files.values()) <= 40e6
+    assert files["encoder"]["rounded_to_fp16"] == files["decoder_step"]["rounded_to_fp16"] == 0
+    assert files["decoder_step"]["fp16_initializers"] > 0 and files["decoder_init"]["fp16_initializers"] > 0
+    lite = LiteCaptioner.load(tmp_path / "shipped", threads=1)
+    got = lite.caption(EXAMPLES)
+    want = torch_captions(None, EXAMPLES)
+    assert [c.text for c in got] == [c.text for c in want]
+    assert np.allclose([c.score for c in got], [c.score for c in want], atol=1e-3)
+    assert "cat" in got[[Path(p).name for p in EXAMPLES].index("chelsea.jpg")].text

@@ -37,6 +37,10 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
+    def __post_init__(self) -> None:
+        if self.resize not in ("crop", "squash") or self.interpolation not in FILTERS or min(self.crop, self.short) < 1:
+            raise ValueError(f"bad preprocessing settings: {self}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
