@@ -440,7 +440,7 @@ def test_shipped_model_bundle_is_compact_and_captions_as_the_onnx_path(tmp_path)
     """The shipped model as a bundle: within the issue's 40 MB with fp32 numbers (its decoder's weights are fp16
     numbers already), and the example photos get today's `--backend onnx` captions."""
     from captioner.lite.captioner import LiteCaptioner
-    from captioner.runtime.bundle import export_bundle
+    from captioner.training.bundle import export_bundle
 
     manifest = export_bundle(None, tmp_path / "shipped")
     files = manifest["files"]

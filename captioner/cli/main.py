@@ -242,7 +242,7 @@ def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export_onnx(args: argparse.Namespace) -> int:
-    from ..runtime.bundle import export_bundle
+    from ..training.bundle import export_bundle
 
     manifest = export_bundle(args.checkpoint, args.out_dir, fp16=args.fp16, overwrite=args.overwrite)
     sizes = ", ".join(f"{f['file']} {f['bytes'] / 2**20:.1f} MiB" for f in manifest["files"].values())

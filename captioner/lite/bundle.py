@@ -1,4 +1,4 @@
-"""A model bundle on disk (`captioner export-onnx`, runtime/bundle.py): model.json and the three ONNX files it names,
+"""A model bundle on disk (`captioner export-onnx`, training/bundle.py): model.json and the three ONNX files it names,
 read and checked without torch."""
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ from .. import __version__
 from ..errors import CaptionerError, UsageProblem
 from ..lite.bundle import BUNDLE_FORMAT, FILES, MANIFEST
 from ..model.decoder import Decoder
-from .onnx_encoder import INSTALL, _Features, onnxruntime_version, quiet, write_export
-from .onnx_decoder import _outputs, _Step
+from ..runtime.onnx_encoder import INSTALL, _Features, onnxruntime_version, quiet, write_export
+from ..runtime.onnx_decoder import _outputs, _Step
 
 log = logging.getLogger("captioner")
 
