@@ -129,8 +129,9 @@ def both_searches(decoder, feats, cfg, mask):
     """(torch search's hypotheses, the same search's with every beam returned, the NumPy search's)."""
     from dataclasses import replace
 
+    import reference_search as torch_search  # the torch search before issue 26: the oracle
+
     from captioner.lite import search as lite
-    from captioner.model import search as torch_search
 
     want = torch_search.search(decoder, feats, cfg, (0, 1, 2, 3), torch.from_numpy(mask))
     pool = torch_search.search(decoder, feats, replace(cfg, topk=max(cfg.beam, 1)), (0, 1, 2, 3), torch.from_numpy(mask))
@@ -138,6 +139,25 @@ def both_searches(decoder, feats, cfg, mask):
         a, keys, (h, c) = decoder.prepare(feats)
     got = lite.search(numpy_step(decoder), a.numpy(), keys.numpy(), (h.numpy(), c.numpy()), cfg, (0, 1, 2, 3), mask)
     return want, pool, got
+
+
+def test_the_torch_captioners_search_is_the_numpy_search():
+    """model/search.py only adapts a torch decoder to lite/search.py: the same hypotheses, exactly."""
+    from captioner.lite import search as lite
+    from captioner.model import search as adapter
+
+    for beam in (1, 3):
+        decoder = random_decoder(5)
+        feats = torch.from_numpy(np.random.default_rng(5).normal(size=(7, 9, 24)).astype(np.float32))
+        mask = np.arange(decoder.cfg.vocab_size) % 3 == 0
+        cfg = lite.SearchConfig(beam=beam, max_len=10, topk=beam, no_repeat_words=True)
+        via_torch = adapter.search(decoder, feats, cfg, (0, 1, 2, 3), torch.from_numpy(mask))
+        with torch.no_grad():
+            a, keys, (h, c) = decoder.prepare(feats)
+        direct = lite.search(numpy_step(decoder), a.numpy(), keys.numpy(), (h.numpy(), c.numpy()), cfg, (0, 1, 2, 3), mask)
+        for x, y in zip(via_torch, direct, strict=True):
+            assert [(h.tokens, h.score, h.logprob) for h in x] == [(h.tokens, h.score, h.logprob) for h in y]
+            assert all(np.array_equal(hx.attention, hy.attention) for hx, hy in zip(x, y))
 
 
 def same_hypotheses(want, pool, got, where) -> int:
@@ -168,7 +188,7 @@ SEARCH_OPTIONS = [dict(), dict(length_penalty=0.7), dict(min_len=4), dict(max_le
 @pytest.mark.parametrize("beam", [1, 3, 5])
 @pytest.mark.parametrize("options", SEARCH_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_numpy_search_gives_the_torch_searchs_hypotheses(beam, options):
-    from captioner.model.search import SearchConfig
+    from captioner.lite.search import SearchConfig
 
     swaps = 0
     for seed, cell in [(0, "lstm"), (1, "gru"), (3, "lstm")]:

@@ -3,9 +3,10 @@ alpha)` on arrays (an ONNX Runtime session, or a torch Decoder wrapped). Every i
 every image live in one array program: no per-image Python loop. Once an image's hypotheses have all finished, its
 rows drop out of the step's batch (see _shrink), so one long caption does not keep the whole batch busy.
 
-The same algorithm, step for step, as model/search.py (the torch search): float32 log-probabilities, the same masks
-(length, `<unk>`, no-repeat n-grams and content words), the same rows decoded at each step. tests/test_lite.py
-checks that both give the same hypotheses."""
+This is the one search (issue 26): the torch captioner and training's validation decode run it too, through
+model/search.py. It is the torch search it replaced, step for step: float32 log-probabilities, the same masks
+(length, `<unk>`, no-repeat n-grams and content words), the same rows decoded at each step; tests/test_lite.py
+checks that both give the same hypotheses (the old one is kept as the tests' oracle, tests/reference_search.py)."""
 
 from __future__ import annotations
 
@@ -177,14 +178,17 @@ def greedy(step: Step, a: np.ndarray, keys: np.ndarray, state: State, cfg: Searc
 
 
 def _top(cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k largest values and their indices, largest first (torch.topk)."""
-    if k >= cand.shape[1]:
-        idx = np.argsort(-cand, axis=1, kind="stable")[:, :k]
-    else:
-        part = np.argpartition(-cand, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(cand, part, 1), axis=1, kind="stable")
-        idx = np.take_along_axis(part, order, 1)
-    return np.take_along_axis(cand, idx, 1), idx
+    """Each row's k largest values and their indices, largest first (torch.topk), ties to the lower index. k passes
+    of argmax: k is small (the beam), and argmax over a row is several times faster than np.argpartition. `cand` is
+    used up (the picked values become -inf)."""
+    rows = np.arange(cand.shape[0])
+    top = np.empty((cand.shape[0], k), cand.dtype)
+    idx = np.empty((cand.shape[0], k), np.int64)
+    for j in range(k):
+        pick = cand.argmax(1)
+        idx[:, j], top[:, j] = pick, cand[rows, pick]
+        cand[rows, pick] = -np.inf
+    return top, idx
 
 
 def beam_search(step: Step, a: np.ndarray, keys: np.ndarray, state: State, cfg: SearchConfig,
