@@ -346,7 +346,7 @@ def test_lite_captioner_features_labels_and_inputs(bundles, pictures):
     np.testing.assert_allclose(feats, cap.encode(torch.from_numpy(batch)).numpy(), atol=1e-5)
     labels, want = lite.imagenet_labels(feats, k=2), cap.imagenet_labels(torch.from_numpy(feats), k=2)
     assert [[n for n, _ in row] for row in labels] == [[n for n, _ in row] for row in want]
-    assert lite.caption([]) == [] and lite.input_size() == (56, 56)
+    assert lite.caption([]) == [] and lite.caption_batch(batch[:0]) == [] and lite.input_size() == (56, 56)
     with pytest.raises(CaptionerError, match="beam=0"):
         lite.caption(images, beam=0)
     with pytest.raises(CaptionerError, match="images, not"):

@@ -125,7 +125,7 @@ class LiteCaptioner:
         session = self.session("encoder")
         chunks = [session.run(None, {"images": np.ascontiguousarray(batch[i:i + ENCODE_CHUNK], dtype=np.float32)})[0]
                   for i in range(0, len(batch), ENCODE_CHUNK)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0), np.float32)
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.grid ** 2, 0), np.float32)
 
     def prepare(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, State, np.ndarray | None]:
         """Features -> annotations, attention keys, (h0, c0), and the ImageNet probabilities (None without them)."""
@@ -144,6 +144,8 @@ class LiteCaptioner:
 
     def caption_features(self, feats: np.ndarray, cfg: SearchConfig | None = None) -> list[Caption]:
         cfg = cfg or self.search_cfg
+        if len(feats) == 0:
+            return []
         a, keys, state, _ = self.prepare(feats)
         hyps = search(self.step, a, keys, state, cfg, self.bundle.specials, self.repeat_mask)
         return [caption_of(h, self.itos, self.bundle.grid, self.bundle.specials) for h in hyps]
