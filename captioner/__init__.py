@@ -8,8 +8,8 @@ The public API is what this module gives, for scripts and notebooks:
     caption_shards(["shards/00000.tar"], "captions/", address="auto")   # on a Ray cluster: docs/scale.md
 
 The parts, top to bottom (each may import only the parts below it; tests/test_layout.py checks): cli, app ->
-training -> pipeline (the Captioner facade) -> runtime -> media -> model, and the shared leaves errors, options
-and cpu. docs/design.md draws them.
+training -> pipeline (the Captioner facade) -> runtime -> media -> model -> lite (the torch-free inference core), and
+the shared leaves errors, options and cpu. docs/design.md draws them.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "captioner"
 # Top to bottom: a part may import itself and the parts after it, never one before it. cli and app are both on
-# top and do not import each other; the shared leaves (errors, options, cpu) are the bottom.
-ORDER = ["cli", "app", "training", "pipeline", "runtime", "media", "model", "shared"]
+# top and do not import each other; the shared leaves (errors, options, cpu) are the bottom, and just above them lite,
+# the torch-free inference core (issue 26) that any part may use.
+ORDER = ["cli", "app", "training", "pipeline", "runtime", "media", "model", "lite", "shared"]
 SIDEWAYS = {("cli", "app"), ("app", "cli")}
 FRONT = {"captioner", "captioner.__main__"}  # the package's front door: its lazy public API and `python -m`
 

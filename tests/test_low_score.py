@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import picture
 
-import captioner.model.search as search
+import captioner.lite.search as search  # LOW_SCORE and score_warning live there (issue 26)
 from captioner.pipeline.batch import caption_files
 from captioner.cli.main import main
 from captioner.pipeline.captioner import Captioner

@@ -264,7 +264,7 @@ def test_app_warns_about_tiny_images_and_counts_failures(tiny_model, tmp_path, m
 
     toasts: list[str] = []
     monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: toasts.append(message))
-    monkeypatch.setattr("captioner.model.search.LOW_SCORE", -1e9)  # the tiny model's scores are not the shipped one's
+    monkeypatch.setattr("captioner.lite.search.LOW_SCORE", -1e9)  # the tiny model's scores are not the shipped one's
     cap = Captioner.load(tiny_model)
     from PIL import Image
 

@@ -287,7 +287,7 @@ def caption_image_fn(cap: Captioner, max_image_bytes: int = MAX_IMAGE_BYTES) -> 
             c = cap.caption([pil], beam=int(beam), max_len=int(max_len), topk=int(topk))[0]
         except CaptionerError as exc:
             raise user_error(_user_message(exc)) from None
-        from ..model.search import score_warning
+        from ..lite.search import score_warning
 
         for w in (size_warning(pil), score_warning(c.score, cap.search_cfg.length_penalty)):
             if w and warn:  # as the CLI says it: a toast, the caption is still shown

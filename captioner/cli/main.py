@@ -1,4 +1,4 @@
-"""`captioner` command line: caption, video, cache, train, evaluate, export, calibrate, info.
+"""`captioner` command line: caption, video, cache, train, evaluate, export, export-onnx, calibrate, info.
 
 Arguments are parsed and checked before anything heavy is imported (torch, timm, gradio: seconds), so
 `--help` and usage errors return at once; see cliargs.py for the shared options and the exit codes
@@ -226,6 +226,31 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-onnx", help="write a model as ONNX files that caption without torch", epilog=EXIT_EPILOG,
+                       description="Write CHECKPOINT's encoder (prepared, fp32), the decoder's prepare and step as "
+                                   "ONNX files, and model.json (vocabulary, preprocessing, search defaults), into "
+                                   "OUT_DIR: what the light captioner (captioner.lite) runs with ONNX Runtime and "
+                                   "NumPy alone. Weights that are fp16 numbers already are stored as fp16 (the "
+                                   "same results); --fp16 rounds every weight (smaller, not the same numbers).")
+    p.add_argument("checkpoint", type=Path, help="a model file or training checkpoint (the shipped model.pt, best.pt)")
+    p.add_argument("out_dir", type=Path, help="the folder to write the bundle into")
+    p.add_argument("--fp16", action="store_true", help="store every weight as fp16 (the sessions still run in fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace a bundle already in OUT_DIR")
+    add_common_args(p)
+    p.set_defaults(func=_run_export_onnx, parser=p)
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from ..training.bundle import export_bundle
+
+    manifest = export_bundle(args.checkpoint, args.out_dir, fp16=args.fp16, overwrite=args.overwrite)
+    sizes = ", ".join(f"{f['file']} {f['bytes'] / 2**20:.1f} MiB" for f in manifest["files"].values())
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"wrote {args.out_dir}: {sizes}; {total / 2**20:.1f} MiB in all ({manifest['weights'].split(' ', 1)[0]} weights)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..media.library import add_search_parser
@@ -247,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_export_onnx(sub)
     add_calibrate_parser(sub)
     add_info_parser(sub)
     return parser

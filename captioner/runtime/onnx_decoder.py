@@ -4,9 +4,9 @@ Greedy and beam search (search.py) call `Decoder.step` once per word for every u
 products at a few rows, where torch's MKL sgemm takes a slow generic path on some CPUs (AMD) and onnxruntime's
 MLAS, its weights packed once per session, does not (the measurements: docs/speed.md "Figures behind the code").
 
-Only the step is exported: `Decoder.prepare` (once per batch) stays in torch, and so does the search's own logic.
-`OnnxDecoder` stands in for the Decoder in search.py: `cfg` and `prepare` are the torch decoder's, `step` runs the
-export. The file is onnx/decoder-KEY.onnx in the cache, KEY naming the decoder's weights and config, torch and
+Only the step is exported: `Decoder.prepare` (once per batch) stays in torch. `OnnxDecoder` stands in for the
+Decoder in model/search.py: `cfg` and `prepare` are the torch decoder's, `step` runs the export, and `numpy_step` runs
+it on the NumPy arrays that the search (lite/search.py) holds. The file is onnx/decoder-KEY.onnx in the cache, KEY naming the decoder's weights and config, torch and
 onnxruntime; it is made, checked (SHA-256 record) and rebuilt exactly as the encoder's export (onnx_encoder.py).
 The step's outputs equal torch's to ~4e-6 (fp32; summation order differs).
 """
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import CaptionerError
@@ -129,6 +130,16 @@ class OnnxDecoder:
         feed = {"words": words, "a": a, "keys": keys, "h": h, "c": c}
         out = self.session().run(None, {k: v.detach().contiguous().numpy() for k, v in feed.items()})
         out = [torch.from_numpy(x) for x in out]
+        if self.cfg.cell == "lstm":
+            return out[0], (out[1], out[2]), out[3]
+        return out[0], (out[1], c), out[2]
+
+    def numpy_step(self, words: np.ndarray, a: np.ndarray, keys: np.ndarray, state: tuple[np.ndarray, np.ndarray]
+                   ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """`step` on the arrays the search (lite/search.py) holds: no torch tensors in between."""
+        h, c = state
+        out = self.session().run(None, {"words": words.astype(np.int64, copy=False), "a": a, "keys": keys,
+                                        "h": h, "c": c})
         if self.cfg.cell == "lstm":
             return out[0], (out[1], out[2]), out[3]
         return out[0], (out[1], c), out[2]
