@@ -11,7 +11,13 @@ from typing import Any
 from ..errors import UsageProblem
 from ..media.images import display_name
 from ..options import Range, UsageError, outcome, search_kwargs, show_progress
-from ..pipeline.distributed import SHARD_SIZE, caption_shards, existing, ray_module, shard_file
+from ..pipeline.distributed import (
+    SHARD_SIZE,
+    caption_shards,
+    existing,
+    ray_module,
+    shard_file,
+)
 
 CONCURRENCY = Range(int, 1, 100_000)
 NUM_CPUS = Range(float, 0, 1024, lo_open=True)

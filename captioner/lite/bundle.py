@@ -41,7 +41,8 @@ class Bundle:
         return self.folder / self.manifest["files"][role]["file"]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (what bundles and exports record and check)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -66,7 +67,7 @@ def read_bundle(folder: Path | str, verify: bool = True) -> Bundle:
             path = folder / entry["file"]
             if not path.is_file():
                 raise CaptionerError(f"model bundle {folder}: {entry['file']} is missing")
-            if path.stat().st_size != entry["bytes"] or (verify and _sha256(path) != entry["sha256"]):
+            if path.stat().st_size != entry["bytes"] or (verify and sha256_file(path) != entry["sha256"]):
                 raise CaptionerError(f"model bundle {folder}: {entry['file']} is damaged (its bytes do not match "
                                      f"{MANIFEST}); export the bundle again")
         enc, dec = m["encoder"], m["decoder"]

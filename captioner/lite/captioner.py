@@ -30,11 +30,12 @@ ENCODE_CHUNK = 8  # images per encoder run (small chunks keep the activations in
 INSTALL = "pip install onnxruntime"
 
 
-def _ort() -> Any:
+def import_ort(missing: str = f"the light captioner needs onnxruntime ({INSTALL})") -> Any:
+    """onnxruntime, its notes silenced; without it, one CaptionerError: `missing`."""
     try:
         import onnxruntime
     except ImportError:
-        raise CaptionerError(f"the light captioner needs onnxruntime ({INSTALL})") from None
+        raise CaptionerError(missing) from None
     onnxruntime.set_default_logger_severity(3)  # its notes about unused initializers are not the user's business
     return onnxruntime
 
@@ -42,7 +43,7 @@ def _ort() -> Any:
 def make_session(path: Path, threads: int, what: str) -> Any:
     """An ONNX Runtime CPU session for `path` at `threads` intra-op threads (0: onnxruntime's default, one per
     physical core; 1: on the calling thread); a file it cannot load is one CaptionerError."""
-    ort = _ort()
+    ort = import_ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

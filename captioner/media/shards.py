@@ -26,7 +26,14 @@ from typing import Sequence, Union
 from PIL import Image
 
 from ..errors import CaptionerError
-from .images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, display_name, find_images, load_image_bytes
+from .images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    ImageError,
+    display_name,
+    find_images,
+    load_image_bytes,
+)
 
 SHARD_SUFFIXES = (".tar",)
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")

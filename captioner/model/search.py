@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from ..lite import search as lite
-from ..lite.search import LOW_SCORE, NEG, Hypothesis, SearchConfig, State, Step, score_warning  # noqa: F401 - re-exported
+from ..lite.search import (  # noqa: F401 - re-exported
+    LOW_SCORE,
+    NEG,
+    Hypothesis,
+    SearchConfig,
+    State,
+    Step,
+    score_warning,
+)
 
 
 class TorchStep:

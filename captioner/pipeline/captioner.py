@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from ..errors import CaptionerError
+from ..lite.caption import Caption, caption_of  # noqa: F401 - Caption: the public type, re-exported
+from ..lite.search import configure
 from ..model.checkpoint import (
     build_decoder,
     check_finite,
@@ -22,8 +24,6 @@ from ..model.checkpoint import (
 )
 from ..model.decoder import Decoder
 from ..model.encoder import Encoder, EncoderConfig, image_transform
-from ..lite.caption import Caption, caption_of  # noqa: F401 - Caption: the public type, re-exported
-from ..lite.search import configure
 from ..model.search import Hypothesis, SearchConfig, search
 from ..model.vocab import Vocab
 

@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .batch import FileWriter, Row, _record, read_rows
 from ..errors import CaptionerError
 from ..media.images import display_name, path_text
 from ..media.shards import PARQUET_HINT, Meta
+from .batch import FileWriter, Row, _record, read_rows
 
 COLUMNS = ("path", "key", "shard", "caption", "score", "alternatives", "model", "error", "warning", "json", "txt")
 

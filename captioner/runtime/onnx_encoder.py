@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from ..errors import CaptionerError
+from ..lite.bundle import sha256_file
+from ..lite.captioner import import_ort
 from ..model.encoder import Encoder
 from .compiled import cache_root
 
@@ -53,12 +55,7 @@ def onnxruntime_version() -> str | None:
 
 
 def require_ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise CaptionerError(f"--backend onnx needs onnxruntime ({INSTALL}), or use --backend torch") from None
-    onnxruntime.set_default_logger_severity(3)  # its warnings about unused initializers are not the user's business
-    return onnxruntime
+    return import_ort(f"--backend onnx needs onnxruntime ({INSTALL}), or use --backend torch")
 
 
 def export_key(encoder: Encoder, size: tuple[int, int]) -> str:
@@ -89,14 +86,6 @@ def _record_path(model: Path) -> Path:
     return model.with_suffix(".json")
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_record(model: Path) -> dict[str, Any] | None:
     """The JSON record beside `model`, or None when it is missing or unreadable."""
     try:
@@ -118,7 +107,7 @@ def problem(model: Path) -> str | None:
             (FORMAT, torch.__version__, onnxruntime_version()):
         return "stale: made by another captioner, torch or onnxruntime version"
     try:
-        size, digest = model.stat().st_size, _digest(model)
+        size, digest = model.stat().st_size, sha256_file(model)
     except OSError as exc:
         return f"unreadable: {exc.strerror or exc}"
     if size != record.get("bytes") or digest != record.get("sha256"):
@@ -163,7 +152,7 @@ def publish(write: Callable[[Path], None], path: Path, extra: dict[str, Any]) ->
         write(tmp_path)
         os.chmod(tmp_path, 0o644)  # mkstemp made it private; it holds nothing secret
         record = {"format": FORMAT, "torch": torch.__version__, "onnxruntime": onnxruntime_version(),
-                  "bytes": tmp_path.stat().st_size, "sha256": _digest(tmp_path), **extra}
+                  "bytes": tmp_path.stat().st_size, "sha256": sha256_file(tmp_path), **extra}
         _record_path(path).unlink(missing_ok=True)  # no record = not ready, until the new one is in place
         os.replace(tmp_path, path)
         rec_tmp = _record_path(path).with_name(path.stem + ".json.tmp")

@@ -17,7 +17,6 @@ round to fp16: smaller, not the same numbers); either way the sessions run in fp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,10 +31,16 @@ import torch
 
 from .. import __version__
 from ..errors import CaptionerError, UsageProblem
-from ..lite.bundle import BUNDLE_FORMAT, FILES, MANIFEST
+from ..lite.bundle import BUNDLE_FORMAT, FILES, MANIFEST, sha256_file
 from ..model.decoder import Decoder
-from ..runtime.onnx_encoder import INSTALL, _Features, onnxruntime_version, quiet, write_export
 from ..runtime.onnx_decoder import _outputs, _Step
+from ..runtime.onnx_encoder import (
+    INSTALL,
+    _Features,
+    onnxruntime_version,
+    quiet,
+    write_export,
+)
 
 log = logging.getLogger("captioner")
 
@@ -63,14 +68,6 @@ class Stored:
     fp16: int  # initializers stored as fp16
     fp32: int  # initializers kept as fp32
     rounded: int  # of the fp16 ones, those that were not fp16 numbers already (--fp16 only)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def store_fp16(path: Path, everything: bool) -> Stored:
@@ -162,7 +159,7 @@ def export_bundle(checkpoint: Path | str | None, out: Path, fp16: bool = False, 
             stored = {role: store_fp16(work / name, fp16) for role, name in FILES.items()}
         files = {}
         for role, name in FILES.items():
-            files[role] = {"file": name, "bytes": (work / name).stat().st_size, "sha256": _sha256(work / name),
+            files[role] = {"file": name, "bytes": (work / name).stat().st_size, "sha256": sha256_file(work / name),
                            "fp16_initializers": stored[role].fp16, "fp32_initializers": stored[role].fp32,
                            "rounded_to_fp16": stored[role].rounded}
             _publish(work / name, out / name)
