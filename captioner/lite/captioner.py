@@ -40,10 +40,12 @@ def import_ort(missing: str = f"the light captioner needs onnxruntime ({INSTALL}
     return onnxruntime
 
 
-def make_session(path: Path, threads: int, what: str) -> Any:
+def make_session(path: Path, threads: int, what: str, remedy: str = "export the bundle again",
+                 missing: str | None = None) -> Any:
     """An ONNX Runtime CPU session for `path` at `threads` intra-op threads (0: onnxruntime's default, one per
-    physical core; 1: on the calling thread); a file it cannot load is one CaptionerError."""
-    ort = import_ort()
+    physical core; 1: on the calling thread); a file it cannot load is one CaptionerError naming `what` and the
+    `remedy`; without onnxruntime, `missing` (import_ort)."""
+    ort = import_ort(missing) if missing else import_ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -56,8 +58,7 @@ def make_session(path: Path, threads: int, what: str) -> Any:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise CaptionerError(f"cannot load the ONNX {what} {path} ({type(exc).__name__}: {first}); "
-                             "export the bundle again") from None
+        raise CaptionerError(f"cannot load the ONNX {what} {path} ({type(exc).__name__}: {first}); {remedy}") from None
 
 
 class LiteCaptioner:

@@ -245,6 +245,18 @@ def split_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False
     return rest, list(dict.fromkeys(shards)), list(dict.fromkeys(lists)), errors
 
 
+def read_lists(lists: Sequence[str], errors: list[tuple[str, str]]) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """[(list, its (path, key) entries)] for each path list that reads; one (input, error) in `errors` for each
+    that does not."""
+    read = []
+    for lst in lists:
+        try:
+            read.append((lst, read_list_input(lst)))
+        except CaptionerError as exc:
+            errors.append((display_name(lst), str(exc).removeprefix(display_name(lst) + ": ")))
+    return read
+
+
 def gather(inputs: Sequence[str | os.PathLike], recursive: bool = False, skipped: list[Path] | None = None
            ) -> tuple[list[Item], list[tuple[str, str]], dict[str, Meta]]:
     """Everything `captioner caption` on one machine captions, in order: files and folders (find_images, sorted),
@@ -257,12 +269,7 @@ def gather(inputs: Sequence[str | os.PathLike], recursive: bool = False, skipped
         items += found
         errors += more
     meta: dict[str, Meta] = {}
-    for lst in lists:
-        try:
-            entries = read_list_input(lst)
-        except CaptionerError as exc:
-            errors.append((display_name(lst), str(exc).removeprefix(display_name(lst) + ": ")))
-            continue
+    for lst, entries in read_lists(lists, errors):
         for p, key in entries:
             items.append(Path(p))
             meta.setdefault(p, Meta(key, lst))

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import CaptionerError, UsageProblem
 from ..media.images import MAX_PIXELS, display_name, find_images
-from ..media.shards import Meta, read_list_input, read_shard, split_inputs
+from ..media.shards import Meta, read_lists, read_shard, split_inputs
 
 RAY_HINT = "--ray needs Ray Data: pip install 'captioner[ray]' (ray[data] and pyarrow)"
 SHARD_SIZE = 1000  # images per shard made from files, folders and path lists (docs/scale.md: overhead)
@@ -91,12 +91,7 @@ def plan(inputs: Sequence[str | os.PathLike], recursive: bool = False, shard_siz
     path is made absolute here: the actors' working folders are not the driver's."""
     rest, tars, lists, errors = split_inputs(inputs, recursive)
     shards = [Shard(Path(t).name[:-len(".tar")], "tar", os.path.abspath(t)) for t in tars]
-    for lst in lists:
-        try:
-            entries = read_list_input(lst)
-        except CaptionerError as exc:
-            errors.append((display_name(lst), str(exc).removeprefix(display_name(lst) + ": ")))
-            continue
+    for lst, entries in read_lists(lists, errors):
         entries = [(os.path.abspath(p), k) for p, k in entries]
         shards += _chunks(Path(lst).stem, os.path.abspath(lst), entries, shard_size)
     if rest:
@@ -140,18 +135,10 @@ def existing(out: Path) -> int:
 
 # ---------------------------------------------------------------------------- one shard ------
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: a hidden temporary file, synced, then renamed (a marker is never half written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise CaptionerError(f"cannot write {display_name(path)}: {exc.strerror or exc}") from None
+    """Atomically (a marker is never half written)."""
+    from .parquet import write_atomically
+
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data), encoding="utf-8"))
 
 
 def caption_shard(cap: Any, shard: Shard, out: Path, job: Any, alternatives: bool,

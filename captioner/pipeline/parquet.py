@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import CaptionerError
 from ..media.images import display_name, path_text
@@ -58,13 +58,12 @@ def _normal(row: Mapping[str, Any]) -> Row:
     return {**{c: row.get(c) for c in COLUMNS}, "alternatives": alts}
 
 
-def write_table(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """rows into a Parquet file, atomically (a hidden temporary file beside it, then a rename)."""
-    pa = _pa()
-    table = pa.Table.from_pylist([_normal(r) for r in rows], schema=schema())
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a hidden temporary file beside `path`, synced, then renamed onto it: a reader never sees
+    half a file. A failure is one CaptionerError; the temporary file is removed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        pa.parquet.write_table(table, tmp)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,6 +71,13 @@ def write_table(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise CaptionerError(f"cannot write {display_name(path)}: {exc.strerror or exc}") from None
+
+
+def write_table(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """rows into a Parquet file, atomically."""
+    pa = _pa()
+    table = pa.Table.from_pylist([_normal(r) for r in rows], schema=schema())
+    write_atomically(path, lambda tmp: pa.parquet.write_table(table, tmp))
 
 
 def read_table(path: Path) -> list[Row]:

@@ -37,6 +37,7 @@ import torch
 from ..errors import CaptionerError
 from ..lite.bundle import sha256_file
 from ..lite.captioner import import_ort
+from ..lite.captioner import make_session as lite_session
 from ..model.encoder import Encoder
 from .compiled import cache_root
 
@@ -232,22 +233,9 @@ def export(encoder: Encoder, path: Path, size: tuple[int, int]) -> Path:
 
 def make_session(path: Path, threads: int, what: str) -> Any:
     """An onnxruntime CPU session for the model file `path` at `threads` intra-op threads (1: it runs on the
-    calling thread, as each caption worker does). `what` names the model in the one-line error for a file
-    onnxruntime cannot load."""
-    ort = require_ort()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if threads > 1:  # idle pool threads must not spin while torch runs the search on the same cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
-        raise CaptionerError(f"cannot load the ONNX {what} {path} ({one_line(exc)}); "
-                             "delete it to rebuild, or use --backend torch") from None
+    calling thread, as each caption worker does): lite's, with this backend's advice in its errors."""
+    return lite_session(path, threads, what, remedy="delete it to rebuild, or use --backend torch",
+                        missing=f"--backend onnx needs onnxruntime ({INSTALL}), or use --backend torch")
 
 
 class OnnxEncoder:
