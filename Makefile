@@ -42,8 +42,8 @@ GENERAL_DATA = --data flickr8k:$(DATA)/flickr8k --data coco:$(DATA)/coco
 # depend on the thread count), and two such runs can share a 2-core machine. The feature caches are filled first
 # at the default thread count (fp32, the same on every CPU).
 GENERAL_FLAGS = $(GENERAL_DATA) --views 4 --min-count 5 --lr 5e-4 --batch-size 100 --alpha-c 0.1 \
-	--penalty sum --label-smoothing 0.1 --lr-patience 1 --patience 4 --epochs 14 --attributes true --ema 0.995 --seed 0 \
-	--dropout 0.5 --threads 1 --ram-gb 0 --hidden-dim 384 --embed-dim 384 --feat-proj 384 --attn-dim 256
+	--penalty mean --label-smoothing 0.1 --lr-patience 1 --patience 4 --epochs 14 --attributes true --ema 0.995 --seed 0 \
+	--ema-warmup true --dropout 0.3 --threads 1 --ram-gb 0 --hidden-dim 384 --embed-dim 384 --feat-proj 384 --attn-dim 256
 TEST = --split test --beam 3 --no-repeat-words on --meteor
 
 .PHONY: model ucm
