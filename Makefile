@@ -1,23 +1,32 @@
 # Two commands do everything on a fresh machine:
-#   make app    set up (first use only) and start the web app on the shipped model
-#   make test   set up (first use only; with the [ray] extra, so the cluster tests run), install Chromium and
-#               exiftool for the tests that use them where apt-get can, and run the test suite; .ci/run is
-#               exactly `make test`
+#   make app    set up the light install (first use only: ONNX Runtime, NumPy, Pillow, PyAV, Gradio; no torch) and
+#               start the web app on the shipped model
+#   make test   set up everything (first use only: torch and the [train,app,dev,ray] extras, so the training and
+#               cluster tests run), install Chromium and exiftool for the tests that use them where apt-get can, and
+#               run the test suite (the light commands too, in subprocesses where torch cannot be imported);
+#               .ci/run is exactly `make test`
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: app test setup browser tools clean
+.PHONY: app test setup light browser tools clean
 
 setup: $(VENV)/.installed
+light: $(VENV)/.light
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	$(BIN)/pip install --quiet -e '.[train,app,dev,ray]'
+	touch $@ $(VENV)/.light
+
+# --no-compile: bytecode is written for what runs, not for every module of every package (~100 MB)
+$(VENV)/.light: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -m pip --python $(BIN)/python install --quiet --no-compile -e '.[app]'
 	touch $@
 
-app: setup
+app: light
 	$(BIN)/python app.py
 
 test: setup tools
@@ -47,12 +56,13 @@ GENERAL_FLAGS = $(GENERAL_DATA) --views 4 --min-count 5 --lr 5e-4 --batch-size 1
 TEST = --split test --beam 3 --no-repeat-words on --meteor
 
 .PHONY: model ucm
-model: setup  ## rebuild the shipped default model captioner/assets/model.pt (resumable: run it again after an interruption)
+model: setup  ## rebuild the shipped model: captioner/assets/model.pt and its ONNX bundle assets/model/ (resumable: run it again after an interruption)
 	$(BIN)/captioner cache $(GENERAL_DATA) --views 4
 	$(BIN)/captioner train $(GENERAL_FLAGS) --out runs/general --resume
 	$(BIN)/captioner evaluate --model runs/general/best.pt --data flickr8k:$(DATA)/flickr8k $(TEST) --baseline -o runs/general/test-flickr8k.jsonl
 	$(BIN)/captioner evaluate --model runs/general/best.pt --data coco:$(DATA)/coco $(TEST) -o runs/general/test-coco.jsonl
 	$(BIN)/captioner export runs/general/best.pt captioner/assets/model.pt --beam 3 --no-repeat-words on
+	$(BIN)/captioner export-onnx captioner/assets/model.pt captioner/assets/model --overwrite
 
 ucm: setup  ## the UCM-Captions (aerial) model and its test BLEU
 	$(BIN)/captioner train --data $(DATA)/ucm-captions --out runs/ucm --epochs 15 --seed 0 --lr 1e-3 --alpha-c 0.1 --penalty sum --label-smoothing 0.1 --lr-patience 2 --patience 4 --views 4 --ema 0.995 --threads 1

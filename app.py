@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """captioner web app: `python app.py [--host 127.0.0.1] [--port 7860] [--model PATH] [--share] [--device cpu]
-[--backend auto|torch|onnx|compiled] [--int8]`.
+[--backend onnx|torch|auto|compiled] [--int8]`.
 
 Loads the model once (the packaged default unless --model), then serves the Gradio UI
 (image, batch and video tabs; each is also an API endpoint, see captioner/app/ui.py).
@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--model", type=Path, default=None,
-                   help="checkpoint (.pt); default: the model shipped in the package")
+                   help="a model bundle folder (`captioner export-onnx`) or a checkpoint (.pt); default: the model "
+                        "shipped in the package")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
     add_backend_args(p)
@@ -39,10 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from captioner.errors import CaptionerError
-    from captioner.pipeline.captioner import Captioner
+    from captioner.pipeline.load import load_captioner
 
     try:
-        cap = Captioner.load(args.model, args.device, backend=args.backend, int8=args.int8)
+        cap = load_captioner(args.model, args.device, backend=args.backend, int8=args.int8)
     except CaptionerError as exc:
         print(f"app.py: error: {exc}", file=sys.stderr)
         return 1

@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-BACKENDS = ("torch", "onnx", "onnx-int8", "compiled")  # what --backends may name (issue 18)
-# what each forced backend runs, as Captioner.runtimes names it: ENCODER/DECODER
-RUNTIMES = {"torch": "torch/torch", "onnx": "onnx/onnx", "onnx-int8": "onnx-int8/onnx", "compiled": "compiled/torch"}
+BACKENDS = ("torch", "onnx", "onnx-int8", "compiled", "auto")  # what --backends may name (issues 18, 26)
+# what each forced backend runs, as Captioner.runtimes names it: ENCODER/DECODER. The default path (no flag) is the
+# shipped bundle on ONNX Runtime (onnx/onnx, torch-free); `--backend onnx` is the same; auto (the default before
+# issue 26) runs the shipped checkpoint with whatever its measurement picks on this CPU
+RUNTIMES = {"torch": "torch/torch", "onnx": "onnx/onnx", "onnx-int8": "onnx-int8/onnx", "compiled": "compiled/torch",
+            "auto": "auto"}
 GOALS = {"caption_b1": 60.0, "caption_b3": 45.0, "speedup": 5.0, "latency_b3_p50_ms": 50.0,  # issue 18's, 2 cores
          "video_fps": 40.0}
 
@@ -77,24 +80,24 @@ def make_video(path: Path, seconds: int, fps: int = 25, size: tuple[int, int] = 
 
 
 def run_cli(argv: list[str], out: str) -> tuple[float, float, str, str]:
-    """Run `captioner ARGV -o OUT` in this process: (seconds in all, seconds in Captioner.load, OUT's text, the
-    encoder backend that ran: Captioner.backend). Captioner.load is wrapped to time it, so that model loading
-    (and the backend's set-up) can be excluded; imports happen before. The backend is Captioner.runtimes
+    """Run `captioner ARGV -o OUT` in this process: (seconds in all, seconds in load_captioner, OUT's text, the
+    runtimes that ran). pipeline.load.load_captioner is wrapped to time it, so that model loading (and the
+    backend's set-up) can be excluded; imports happen before. The runtimes are the captioner's `runtimes`
     (ENCODER/DECODER, e.g. onnx/onnx)."""
+    import captioner.pipeline.load as loading
     from captioner.cli.main import main
-    from captioner.pipeline.captioner import Captioner
 
-    spent, loaded, original = [], [], Captioner.load.__func__
+    spent, loaded, original = [], [], loading.load_captioner
 
-    def load(cls, *a, **kw):
+    def load(*a, **kw):
         t = time.perf_counter()
         try:
-            cap = original(cls, *a, **kw)
+            cap = original(*a, **kw)
             loaded.append(cap)
             return cap
         finally:
             spent.append(time.perf_counter() - t)
-    Captioner.load = classmethod(load)
+    loading.load_captioner = load
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         rc = main(["-q", *argv, "-o", f"{tmp}/{out}"])
@@ -109,10 +112,13 @@ def backend_flags(backend: str) -> list[str]:
 
 
 def load_backend(backend: str):
-    """The shipped (or CAPTIONER_MODEL) captioner encoding with `backend` (auto, or one of BACKENDS)."""
-    from captioner.pipeline.captioner import Captioner
+    """The shipped (or CAPTIONER_MODEL) captioner with `backend` (default: the path with no flag, or one of
+    BACKENDS), as the CLI loads it."""
+    from captioner.pipeline.load import load_captioner
 
-    return Captioner.load(backend="onnx", int8=True) if backend == "onnx-int8" else Captioner.load(backend=backend)
+    if backend == "onnx-int8":
+        return load_captioner(backend="onnx", int8=True)
+    return load_captioner(backend=None if backend == "default" else backend)
 
 
 def repeat(fn, reps: int, warmup: int) -> list[float]:
@@ -137,10 +143,10 @@ def stage_encoder(args, data: Path) -> dict:
     return out
 
 
-def stage_caption(args, data: Path, beam: int, backend: str = "auto") -> dict:
-    """`captioner caption` with `backend` (auto: no flag, the default path). The compiled package, the onnx
+def stage_caption(args, data: Path, beam: int, backend: str = "default") -> dict:
+    """`captioner caption` with `backend` (default: no flag, the default path). The compiled package, the onnx
     export, auto's measurement and the int8 model were made before the stages ran (main)."""
-    flags = [] if backend == "auto" else backend_flags(backend)
+    flags = [] if backend == "default" else backend_flags(backend)
     total, load, _, ran = run_cli(["caption", str(data), "--beam", str(beam), "--batch-size", "32", "--no-progress",
                                    *flags], "o.csv")
     n = len(list(data.glob("*.jpg")))
@@ -148,7 +154,7 @@ def stage_caption(args, data: Path, beam: int, backend: str = "auto") -> dict:
             "ips_with_load": n / total}
 
 
-def stage_latency(args, data: Path, backend: str = "auto") -> dict:
+def stage_latency(args, data: Path, backend: str = "default") -> dict:
     from captioner.media.images import load_image
 
     cap = load_backend(backend)
@@ -273,6 +279,7 @@ def stage_ceiling(args, data: Path) -> dict:
                 out["encode_backend_ms"][name] = out["encode_ms"]
                 continue
             other = load_backend(name)  # loaded at one thread: its onnxruntime session runs at one thread
+            getattr(other, "use_one_thread", lambda: None)()  # the bundle's sessions, made anew at one thread
             other.warm_up()
             out["encode_backend_ms"][name] = ms(lambda: other.encode(x))  # noqa: B023 - called right here
             del other
@@ -403,9 +410,10 @@ def build_compiled(args) -> dict:
 
 def child(args) -> None:
     if STAGES[args.stage][0] is stage_caption:  # as `captioner caption` does: the workers' fork server starts
-        from captioner.runtime.workers import start  # before torch is imported, so that their imports overlap
+        from captioner.runtime.workers import LIGHT_PRELOAD, start  # before torch is imported (imports overlap)
 
-        start()
+        flags = STAGES[args.stage][1][1:]
+        start(LIGHT_PRELOAD if not flags or flags[0] in ("default", "onnx") else None)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -451,7 +459,7 @@ def backend_table(r: dict, args) -> str:
         c1, c3, lat = r[f"{name}_b1"], r[f"{name}_b3"], r[f"latency_{name}"]
         x1, x3 = (c["ips"] / r[f"baseline_b{b}"]["ips"] for b, c in ((1, c1), (3, c3)))
         bound = [ce[f"ceiling_b{b}_ips"] if name == "torch" else ce[f"ceiling_{name}_b{b}_ips"] for b in (1, 3)]
-        rows.append(f"| {name} ({RUNTIMES[name]}){' (auto: the default here)' if RUNTIMES[name] == default else ''} "
+        rows.append(f"| {name} ({RUNTIMES[name]}){' (the default path)' if RUNTIMES[name] == default else ''} "
                     f"| {c1['ips']:.1f} ({met(c1['ips'] >= GOALS['caption_b1'])}) "
                     f"| {c3['ips']:.1f} ({met(c3['ips'] >= GOALS['caption_b3'])}) "
                     f"| {x1:.1f}x / {x3:.1f}x ({met(min(x1, x3) >= GOALS['speedup'])}) "
@@ -463,7 +471,8 @@ def backend_table(r: dict, args) -> str:
     return "\n".join([
         f"CPU: {settings.get('cpu', '?')}; model: {settings.get('model', 'shipped')}; {args.threads} threads; "
         f"{r['caption_b1']['images']} JPEGs, batch 32, model load excluded. Backends (encoder/decoder) side by "
-        f"side; the default `--backend auto` runs {default} here (encoder: {prep.get('auto_reason', '?')}: "
+        f"side; the default (the shipped bundle) runs {default}; `--backend auto` runs {prep.get('auto', '?')} here "
+        f"(encoder: {prep.get('auto_reason', '?')}: "
         f"{measured} ms/img at one thread, batches of 8; decoder: {prep.get('auto_decoder_reason', '?')}: "
         f"{decoder} ms per step of 24 rows)", "",
         f"| backend (encoder/decoder) | `captioner caption` greedy, img/s (>= {GOALS['caption_b1']:.0f}) "
@@ -478,7 +487,7 @@ def table(r: dict, args) -> str:
     met = lambda good: "yes" if good else "NO"  # noqa: E731
     enc, lat = r["encoder"], r["latency"]
     bf16 = "" if enc["bf16_autocast"] else " (no bf16 on this CPU: fp32)"
-    default = f"auto: {r['caption_b1']['backend']}"
+    default = f"default: {r['caption_b1']['backend']}"
     rows = [("encoder alone, batch 32, fp32 (as loaded from the package)", "torch", f"{enc['fp32']:.1f} img/s", "",
              "", enc["rss_mib"]),
             (f"encoder alone, batch 32, channels_last + bf16 autocast{bf16}", "torch", f"{enc['autocast']:.1f} img/s",

@@ -3,7 +3,7 @@
 The public API is what this module gives, for scripts and notebooks:
 
     from captioner import Captioner
-    cap = Captioner.load()                      # the shipped model; Captioner.load(path, backend="onnx")
+    cap = Captioner.load()                      # the shipped model; Captioner.load(path, backend="torch")
     print(cap.caption([PIL.Image.open("photo.jpg")])[0].text)
     caption_shards(["shards/00000.tar"], "captions/", address="auto")   # on a Ray cluster: docs/scale.md
 
@@ -21,15 +21,19 @@ __all__ = ["Caption", "Captioner", "CaptionerError", "caption_shards", "__versio
 
 if TYPE_CHECKING:
     from .errors import CaptionerError
-    from .pipeline.captioner import Caption, Captioner
+    from .lite.caption import Caption
     from .pipeline.distributed import caption_shards
+    from .pipeline.load import Captioner
 
 
 def __getattr__(name: str) -> Any:
     """Imported on first use, so that `import captioner` (and the command's argument parsing) stays light."""
-    if name in ("Caption", "Captioner"):
-        from .pipeline import captioner
-        return getattr(captioner, name)
+    if name == "Captioner":  # a bundle runs without torch; a checkpoint loads the torch engine (pipeline/load.py)
+        from .pipeline.load import Captioner
+        return Captioner
+    if name == "Caption":
+        from .lite.caption import Caption
+        return Caption
     if name == "caption_shards":  # Ray Data over shards (docs/scale.md; needs captioner[ray] to run a job)
         from .pipeline.distributed import caption_shards
         return caption_shards

@@ -139,7 +139,9 @@ def add_common_args(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (.pt); default: the model shipped in the package")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a model bundle folder (`captioner export-onnx`) or a checkpoint (.pt); default: the model "
+                        "shipped in the package")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
 
 
@@ -150,11 +152,13 @@ def add_backend_args(p: argparse.ArgumentParser, compile_alias: bool = False) ->
     """--backend and --int8 (backends.py), and for `caption` the older --compile."""
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="what runs the encoder and the decoder: auto (default: for each, the faster of torch and onnx "
-                        "on this CPU, measured once and kept in the cache; `captioner info` shows it), torch, onnx "
-                        "(ONNX Runtime, fp32, exported once into CAPTIONER_CACHE or ~/.cache/captioner), compiled "
-                        "(the encoder built by AOTInductor, the torch decoder; needs a C++ compiler, builds once in "
-                        "~20 s)")
+                   help="what runs the model. Default: onnx for a model bundle (the shipped model: ONNX Runtime, "
+                        "fp32, no torch, the same captions on every CPU), auto for a checkpoint --model. These need "
+                        "torch (captioner[train]) and a checkpoint (the shipped model.pt unless --model): torch; "
+                        "auto (for each network the faster of torch and onnx on this CPU, measured once; bf16 where "
+                        "the CPU has it, so captions may differ by CPU); onnx with a checkpoint (exported once into "
+                        "CAPTIONER_CACHE or ~/.cache/captioner); compiled (the encoder built by AOTInductor; needs a "
+                        "C++ compiler)")
     g.add_argument("--int8", action="store_true",
                    help="onnx with the int8 encoder (static quantization; make it once with `captioner calibrate "
                         "FOLDER`); faster, captions may differ in a word")
@@ -162,14 +166,9 @@ def add_backend_args(p: argparse.ArgumentParser, compile_alias: bool = False) ->
         g.add_argument("--compile", action="store_true", help="the same as --backend compiled")
 
 
-# auto times each runtime in the thread's own CPU time, best of 5 interleaved rounds (backends.py), so that a busy
-# machine (or a VM's stolen time) does not decide the answer it keeps; its first version timed wall clock.
-DEFAULT_BACKEND = "auto"
-
-
 def resolve_backend(args: argparse.Namespace) -> None:
-    """--compile becomes --backend compiled, --int8 alone means onnx, no --backend is DEFAULT_BACKEND; options that
-    do not go together are a UsageError."""
+    """--compile becomes --backend compiled, --int8 alone means onnx, no --backend stays None (the model's own:
+    pipeline/load.py); options that do not go together are a UsageError."""
     if getattr(args, "compile", False):
         if args.backend not in (None, "compiled"):
             raise UsageError(f"--compile is --backend compiled: it does not go with --backend {args.backend}")
@@ -178,8 +177,6 @@ def resolve_backend(args: argparse.Namespace) -> None:
         if args.backend not in (None, "auto", "onnx"):
             raise UsageError(f"--int8 is for the onnx backend, not --backend {args.backend}")
         args.backend = "onnx"
-    if args.backend is None:
-        args.backend = DEFAULT_BACKEND
 
 
 def add_search_args(p: argparse.ArgumentParser) -> None:
@@ -239,3 +236,11 @@ def progress_disabled(disable: bool) -> Iterator[None]:
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = old_env
+
+
+def cache_root() -> Path:
+    """Where exports, measurements and compiled code are cached: $CAPTIONER_CACHE, else ~/.cache/captioner."""
+    env = os.environ.get("CAPTIONER_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"

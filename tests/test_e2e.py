@@ -27,6 +27,7 @@ COMMAND = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "captioner"]
 TIMEOUT = 240  # seconds for one command, export and measurement included; a hang fails here
 FORCED = ("onnx/onnx", "torch/onnx", "onnx/torch", "torch/torch")  # auto's possible answers: ENCODER/DECODER
 N = 5
+CHECKPOINT = ROOT / "captioner" / "assets" / "model.pt"  # the torch backends' shipped model (the default is the bundle)
 
 
 def fresh_env(root: Path) -> dict[str, str]:
@@ -106,11 +107,12 @@ def test_first_run_on_a_new_cpu(photos, tmp_path):
     """Nothing cached: the command exports both networks, measures auto's choice, then captions, in one
     process: one batch (the README's first line) and several batches with 2 workers."""
     env = fresh_env(tmp_path / "one")
-    res = ok(captioner(env, "caption", photos, "-v"))
+    res = ok(captioner(env, "caption", photos, "--backend", "auto", "-v"))
     assert len(res.stdout.splitlines()) == N and all("\t" in x and x.split("\t")[1] for x in res.stdout.splitlines())
     assert "measuring the torch and onnx backends" in res.stderr
     env = fresh_env(tmp_path / "several")
-    ok(captioner(env, "caption", photos, "--batch-size", "2", "--workers", "2", "-o", tmp_path / "out.jsonl"))
+    ok(captioner(env, "caption", photos, "--backend", "auto", "--batch-size", "2", "--workers", "2", "-o",
+                 tmp_path / "out.jsonl"))
     assert len(rows_of(tmp_path / "out.jsonl")) == N
     assert list((tmp_path / "several" / "cache" / "backend").glob("choice-*.json"))
 
@@ -122,31 +124,32 @@ def test_caption_with_each_answer_of_auto(choice, photos, shared_cache, tmp_path
     batches: the same captions, from the runtimes auto chose."""
     env = fresh_env(shared_cache)
     force_auto(shared_cache / "cache", choice)
-    res = ok(captioner(env, "caption", photos, "-v"))
+    res = ok(captioner(env, "caption", photos, "--backend", "auto", "-v"))
     assert runtimes(res) == choice
     stdout = sorted((Path(x.split("\t")[0]).name, x.split("\t")[1]) for x in res.stdout.splitlines())
     assert len(stdout) == N and all(c for _, c in stdout)
     for workers in (0, 2):
         out = tmp_path / f"w{workers}.jsonl"
-        res = ok(captioner(env, "caption", photos, "--batch-size", "2", "--workers", workers, "-o", out, "-v"))
+        res = ok(captioner(env, "caption", photos, "--backend", "auto", "--batch-size", "2", "--workers", workers, "-o",
+                           out, "-v"))
         assert runtimes(res) == choice
         rows = rows_of(out)
         assert not any(r["error"] for r in rows) and sorted((Path(r["path"]).name, r["caption"]) for r in rows) == stdout
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("backend", ["torch", "onnx", "onnx-checkpoint"])
 def test_caption_with_each_backend_flag(backend, photos, shared_cache, tmp_path):
-    """--backend torch|onnx: one worker to CSV, two to a SQLite library (several batches each)."""
+    """--backend torch|onnx (the bundle; and a checkpoint exported at run time): one worker to CSV, two to a SQLite
+    library (several batches each)."""
     env = fresh_env(shared_cache)
-    expected = {"torch": "torch/torch", "onnx": "onnx/onnx"}[backend]
+    expected = {"torch": "torch/torch"}.get(backend, "onnx/onnx")
+    flags = ["--backend", "onnx", "--model", CHECKPOINT] if backend == "onnx-checkpoint" else ["--backend", backend]
     out = tmp_path / "w1.csv"
-    res = ok(captioner(env, "caption", photos, "--backend", backend, "--batch-size", "2", "--workers", "1", "-o", out,
-                       "-v"))
+    res = ok(captioner(env, "caption", photos, *flags, "--batch-size", "2", "--workers", "1", "-o", out, "-v"))
     assert runtimes(res) == expected and len(out.read_text().splitlines()) == N + 1
     lib = tmp_path / "lib.sqlite"
-    res = ok(captioner(env, "caption", photos, "--backend", backend, "--batch-size", "2", "--workers", "2", "-o", lib,
-                       "-v"))
+    res = ok(captioner(env, "caption", photos, *flags, "--batch-size", "2", "--workers", "2", "-o", lib, "-v"))
     assert runtimes(res) == expected and "5 captioned" in res.stderr
 
 
@@ -184,17 +187,19 @@ def test_write_metadata_with_workers(photos, shared_cache, tmp_path):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("how", [f"auto:{c}" for c in FORCED] + ["torch", "onnx"])
+@pytest.mark.parametrize("how", [f"auto:{c}" for c in FORCED] + ["torch", "onnx", "onnx-checkpoint"])
 def test_video_with_each_runtime(how, clip, shared_cache, tmp_path):
+    """onnx: the default, the shipped bundle (no torch); onnx-checkpoint: the shipped .pt exported at run time."""
     env = fresh_env(shared_cache)
-    flags = []
+    flags = ["--backend", how]
     if how.startswith("auto:"):
         force_auto(shared_cache / "cache", how[5:])
-    else:
-        flags = ["--backend", how]
+        flags = ["--backend", "auto"]
+    elif how == "onnx-checkpoint":
+        flags = ["--backend", "onnx", "--model", CHECKPOINT]
     out = tmp_path / "clip.json"
     res = ok(captioner(env, "video", clip, "--every", "1", "-o", out, "-v", *flags))
-    assert runtimes(res) == {"torch": "torch/torch", "onnx": "onnx/onnx"}.get(how, how[5:])
+    assert runtimes(res) == {"torch": "torch/torch", "onnx": "onnx/onnx", "onnx-checkpoint": "onnx/onnx"}.get(how, how[5:])
     assert len(json.loads(out.read_text())["videos"][0]["times"]) == 4
 
 
@@ -271,7 +276,7 @@ def test_app_batch_and_video_tabs_with_the_onnx_encoder(backend, photos, clip, s
     flags = ["--backend", backend]
     if backend.startswith("auto:"):
         force_auto(shared_cache / "cache", backend[5:])
-        flags = []
+        flags = ["--backend", "auto"]
     port = free_port()
     app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *flags], env=env, cwd=ROOT,
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -168,7 +168,7 @@ def test_public_api_as_the_readme_shows(tmp_path):
     light = subprocess.run([sys.executable, "-c", "import sys, captioner; from captioner import Caption, Captioner; "
                             "print('torch' in sys.modules, Captioner.__module__, Caption.__name__)"],
                            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    assert light.stdout.split() == ["True", "captioner.pipeline.captioner", "Caption"], light.stderr
+    assert light.stdout.split() == ["False", "captioner.pipeline.load", "Caption"], light.stderr
     bare = subprocess.run([sys.executable, "-c", "import sys, captioner; print('torch' in sys.modules)"],
                           capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert bare.stdout.strip() == "False", bare.stderr

@@ -47,3 +47,16 @@ def test_shipped_model_on_unseen_photos():
     assert len(set(texts)) >= 3, texts  # it looks at the image: not one caption for everything
     if not texts:
         pytest.fail("no photos")
+
+
+def test_shipped_bundle_is_the_shipped_checkpoint():
+    """The default model (assets/model/, run without torch) is model.pt exported: the same model id, every file's
+    SHA-256 as model.json records it, small enough to ship (issue 26: <= 40 MB with model.pt)."""
+    from captioner.lite.bundle import read_bundle
+    from captioner.pipeline.load import default_model
+
+    bundle = read_bundle(default_model(), verify=True)
+    assert bundle.folder.name == "model" and bundle.folder.parent == default_model_path().parent
+    assert bundle.model_id == Captioner.load(prepare=False).model_id
+    shipped = sum(f.stat().st_size for f in bundle.folder.iterdir()) + default_model_path().stat().st_size
+    assert shipped <= 40 * 2**20, shipped

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -33,7 +33,9 @@ from PIL import Image  # noqa: E402
 from ..errors import CaptionerError  # noqa: E402
 from ..media.images import IMAGE_EXTENSIONS  # noqa: E402
 from ..options import BEAM, DEFAULT_SCENE_THRESHOLD, EVERY, MAX_LEN, TOPK, Range  # noqa: E402
-from ..pipeline.captioner import Captioner  # noqa: E402
+
+if TYPE_CHECKING:  # either engine (pipeline/load.py): the light one has no torch to import
+    from ..pipeline.captioner import Captioner
 
 MiB = 2**20
 MAX_IMAGE_BYTES = 50 * MiB  # one image (image tab, each batch file)

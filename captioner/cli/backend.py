@@ -22,7 +22,8 @@ def add_info_parser(sub: argparse._SubParsersAction) -> None:
                                    "bf16, the torch and onnxruntime versions, the model, and the encoder backend "
                                    "that `--backend auto` picks here with the ms per image it measured. Offline.",
                        epilog=EXIT_EPILOG)
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (.pt); default: the model shipped in the package")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a model bundle folder or a checkpoint (.pt); default: the model shipped in the package")
     p.add_argument("--measure", action="store_true",
                    help="measure the backends now if they have not been measured on this CPU (once; ~20 s)")
     add_common_args(p)
@@ -49,7 +50,7 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"images per calibration batch, {CALIBRATION_BATCH.describe()} (default 8)")
     p.add_argument("--model", type=Path, default=None, help="checkpoint (.pt); default: the model shipped in the package")
     add_common_args(p)
-    p.set_defaults(func=run_calibrate, parser=p)
+    p.set_defaults(func=run_calibrate, parser=p, needs_torch=True)
 
 
 def spread(items: list, count: int) -> list:
@@ -100,14 +101,53 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def info(model: Path | None, measure_now: bool = False, root: Path | None = None) -> list[str]:
     """`captioner info`: the lines it prints. Nothing here needs the network; a model that cannot be loaded is
-    reported on its line, the others are printed all the same."""
-    import torch
-
+    reported on its line, the others are printed all the same. Without torch (the light install) it says what
+    runs by default and that the torch backends need captioner[train]."""
     from .. import __version__
     from ..cpu import describe, has_fast_bf16, vector_isa
-    from ..model.checkpoint import default_model_path
+    from ..lite.captioner import import_ort
+    from ..options import cache_root
+    from ..pipeline.load import (
+        TRAIN_EXTRA,
+        default_model,
+        has_torch,
+        is_light,
+        load_captioner,
+    )
+
+    try:
+        ort = import_ort().__version__
+    except CaptionerError:
+        ort = None
+    torch = None
+    if has_torch():
+        import torch
+    kernels = f" (torch kernels: {torch.backends.cpu.get_cpu_capability()})" if torch else ""
+    lines = [f"captioner {__version__}",
+             f"cpu: {describe()}",
+             f"vector ISA: {' '.join(vector_isa()) or 'none of AVX2, AVX-512, AVX512-BF16, AMX'}{kernels}",
+             f"versions: torch {torch.__version__ if torch else 'not installed (the light install)'}, onnxruntime "
+             f"{ort or 'not installed'}, python {platform.python_version()}",
+             f"cache: {root or cache_root()}"]
+    if model is None or is_light(model):
+        path = Path(model) if model else default_model()
+        try:
+            light = load_captioner(path)
+            lines.append(f"model: {path} ({light.model_id})")
+        except CaptionerError as exc:
+            lines.append(f"model: {path} (cannot be loaded: {exc})")
+        lines.append("backend (default, onnx): the model bundle in ONNX Runtime, fp32: the same captions on every CPU")
+        if torch is None:
+            return lines + [f"backends torch, auto, compiled, --int8: need torch ({TRAIN_EXTRA})"]
+        model = None  # the torch backends' lines below are about the shipped checkpoint
+    return lines + _torch_info(model, measure_now, root, has_fast_bf16())
+
+
+def _torch_info(model: Path | None, measure_now: bool, root: Path | None, bf16: bool) -> list[str]:
+    """The torch backends' lines: the checkpoint, what --backend auto picks here, the int8 encoder."""
     from ..pipeline.captioner import Captioner
-    from ..runtime.backends import MEASURE_BATCH, cache_root, choose, known_choice
+    from ..pipeline.load import default_model
+    from ..runtime.backends import MEASURE_BATCH, choose, known_choice
     from ..runtime.onnx_encoder import (
         check_int8,
         export_path,
@@ -115,27 +155,19 @@ def info(model: Path | None, measure_now: bool = False, root: Path | None = None
         read_record,
     )
 
-    ort = onnxruntime_version()
-    lines = [f"captioner {__version__}",
-             f"cpu: {describe()}",
-             f"vector ISA: {' '.join(vector_isa()) or 'none of AVX2, AVX-512, AVX512-BF16, AMX'} "
-             f"(torch kernels: {torch.backends.cpu.get_cpu_capability()})",
-             f"fast bf16: {'yes' if has_fast_bf16() else 'no'} (torch encodes in "
-             f"{'bf16' if has_fast_bf16() else 'fp32'} on this CPU)",
-             f"versions: torch {torch.__version__}, onnxruntime {ort or 'not installed'}, "
-             f"python {platform.python_version()}",
-             f"cache: {root or cache_root()}"]
-    path = Path(model) if model else default_model_path()
+    lines = [f"fast bf16: {'yes' if bf16 else 'no'} (--backend torch and auto encode in {'bf16' if bf16 else 'fp32'} "
+             "on this CPU)"]
+    path = Path(model) if model else default_model("auto")
     try:
         cap = Captioner.load(path, prepare=False)
         cap.encoder.prepare_inference(cap.device, bf16=False)
     except CaptionerError as exc:
-        return lines + [f"model: {path} (cannot be loaded: {exc})", "backend (auto): unknown without a model"]
-    lines.append(f"model: {path} ({cap.model_id})")
+        return lines + [f"checkpoint: {path} (cannot be loaded: {exc})", "backend (auto): unknown without a model"]
+    lines.append(f"checkpoint (torch backends): {path} ({cap.model_id})")
     choice = choose(cap, root) if measure_now else known_choice(cap, root)
     if choice is None:
-        lines.append("backend (auto): not measured yet on this CPU for this model; the first `captioner caption` "
-                     "or `video` measures it (once), or run `captioner info --measure`")
+        lines.append("backend (auto): not measured yet on this CPU for this model; the first `captioner caption "
+                     "--backend auto` or `video --backend auto` measures it (once), or run `captioner info --measure`")
     else:
         ms = ", ".join(f"{name} {value:.1f} ms/img" for name, value in choice.ms_per_image.items())
         lines.append(f"encoder backend (auto): {choice.backend} ({choice.reason}"
@@ -144,7 +176,7 @@ def info(model: Path | None, measure_now: bool = False, root: Path | None = None
         lines.append(f"decoder backend (auto): {choice.decoder} ({choice.decoder_reason}"
                      + (f"; one thread, a step of {MEASURE_BATCH * 3} rows: {ms}" if ms else "") + ")"
                      + (f" [{choice.record}]" if choice.record else ""))
-    if ort is not None and cap.device.type == "cpu" and any(True for _ in cap.encoder.net.parameters()):
+    if onnxruntime_version() is not None and cap.device.type == "cpu" and any(True for _ in cap.encoder.net.parameters()):
         fp32 = export_path(cap.encoder, cap.input_size(), root)
         try:
             int8 = check_int8(fp32, cap.model_id)

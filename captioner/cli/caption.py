@@ -203,12 +203,14 @@ def run_caption(args: argparse.Namespace) -> int:
     if not paths:
         raise CaptionerError("no images to caption" + ("" if input_errors else " (--recursive for subfolders?)"))
     exiftool = metadata.find_exiftool() if tagging else None  # before the model loads: fail fast
-    if args.workers and len(paths[rank::world]) > args.batch_size and args.device == "cpu":
-        start_workers()  # before torch is imported here: the fork server's imports overlap ours and the model's load
-    from ..pipeline.captioner import Captioner
+    from ..pipeline.load import is_light, load_captioner
+    from ..runtime.workers import LIGHT_PRELOAD
 
+    light = is_light(args.model, args.backend, args.int8)
+    if args.workers and len(paths[rank::world]) > args.batch_size and args.device == "cpu":
+        start_workers(LIGHT_PRELOAD if light else None)  # before the model loads: the fork server's imports overlap it
     local = os.environ.get("LOCAL_RANK", "0")
-    cap = Captioner.load(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device,
+    cap = load_captioner(args.model, f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device,
                          backend=args.backend, int8=args.int8)
     if args.topk is not None and args.beam is None and args.topk > cap.search_cfg.beam:
         raise UsageProblem(f"--topk {args.topk} is more than the model's beam ({cap.search_cfg.beam}): add "

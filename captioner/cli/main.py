@@ -100,7 +100,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, type=limit or type(default), default=default,
                            help=f"{note} (default: {default}{rng})".replace("%", "%%"))
     add_common_args(p)
-    p.set_defaults(func=_run_train, parser=p)
+    p.set_defaults(func=_run_train, parser=p, needs_torch=True)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -129,7 +129,7 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=WORKERS, default=2, help=f"image-loading processes, {WORKERS.describe()} (default: 2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
     add_common_args(p)
-    p.set_defaults(func=_run_cache, parser=p)
+    p.set_defaults(func=_run_cache, parser=p, needs_torch=True)
 
 
 def _run_cache(args: argparse.Namespace) -> int:
@@ -173,7 +173,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_search_args(p)
     add_common_args(p)
-    p.set_defaults(func=_run_evaluate, parser=p)
+    p.set_defaults(func=_run_evaluate, parser=p, needs_torch=True)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -214,7 +214,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp32", action="store_true", help="keep fp32 weights")
     add_search_args(p)
     add_common_args(p)
-    p.set_defaults(func=_run_export, parser=p)
+    p.set_defaults(func=_run_export, parser=p, needs_torch=True)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -238,7 +238,7 @@ def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16", action="store_true", help="store every weight as fp16 (the sessions still run in fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already in OUT_DIR")
     add_common_args(p)
-    p.set_defaults(func=_run_export_onnx, parser=p)
+    p.set_defaults(func=_run_export_onnx, parser=p, needs_torch=True)
 
 
 def _run_export_onnx(args: argparse.Namespace) -> int:
@@ -306,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     _setup_logging(args)
     try:
+        if getattr(args, "needs_torch", False):  # the light install has the captioning commands only
+            from ..pipeline.load import require_torch
+
+            require_torch(f"`captioner {args.command}`")
         with progress_disabled(args.no_progress):
             return int(args.func(args) or 0)
     except CaptionerError as exc:

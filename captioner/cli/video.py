@@ -92,7 +92,7 @@ def _frame_bar(path: Path, show: bool) -> Iterator[Callable[[int], None] | None]
 def run_video(args: argparse.Namespace) -> int:
     from ..media.tags import describe, frame_captioner
     from ..media.video import probe, tag_video, write_results
-    from ..pipeline.captioner import Captioner
+    from ..pipeline.load import load_captioner
 
     results, failed, videos = [], 0, []
     for path in args.videos:  # before the model loads (seconds): a file that is no video fails at once
@@ -104,7 +104,7 @@ def run_video(args: argparse.Namespace) -> int:
             failed += 1
     if not videos:
         return outcome(0, failed)
-    cap = Captioner.load(args.model, args.device, backend=args.backend, int8=args.int8)
+    cap = load_captioner(args.model, args.device, backend=args.backend, int8=args.int8)
     caption_fn = frame_captioner(cap, cap.search_config(**search_kwargs(args)))
     for path in videos:
         try:

@@ -109,6 +109,20 @@ class LiteCaptioner:
     def runtimes(self) -> str:
         return "onnx/onnx"
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """What the app and `info` show of the model (the torch Captioner's checkpoint config has the same keys)."""
+        return {"encoder": dict(self.bundle.manifest["encoder"]), "decoder": dict(self.bundle.manifest["decoder"])}
+
+    def warm_up(self, threads: int | None = None) -> None:
+        """Run the encoder once on a blank chunk (ONNX Runtime plans its kernels on the first run); `threads`: the
+        torch Captioner's argument, unused here (each session has its own count)."""
+        self.encode(np.zeros((ENCODE_CHUNK, 3, *self.input_size()), np.float32))
+
+    def use_one_thread(self) -> None:
+        """In a caption worker: every session at one thread (the workers share the cores), made anew here."""
+        self.threads, self._sessions, self._pid = 1, {}, None
+
     def search_config(self, **overrides: Any) -> SearchConfig:
         """The model's decoding settings with `overrides` (None = keep), checked as the CLI checks them."""
         return configure(self.search_cfg, **overrides)
@@ -155,6 +169,8 @@ class LiteCaptioner:
     def caption_batch(self, batch: np.ndarray, cfg: SearchConfig | None = None) -> list[Caption]:
         """Preprocessed images (B, 3, H, W) -> one Caption each (encode, then search)."""
         return self.caption_features(self.encode(batch), cfg)
+
+    caption_tensors = caption_batch  # the torch Captioner's name for it (pipeline/batch.py calls either)
 
     def caption(self, images: Sequence[Image.Image | str | os.PathLike], **search_overrides: Any) -> list[Caption]:
         """Captions for PIL images (any mode) or image files (read by `loader`). Options: beam, max_len, min_len,

@@ -1,5 +1,6 @@
-"""The facade: `Captioner` (captioner.py: a checkpoint loaded, the runtime wired in, images in, captions out;
-also `from captioner import Captioner, Caption`) and the batch pipeline (batch.py: files -> workers ->
+"""The facade: which engine runs a model (load.py: the light LiteCaptioner for a bundle, or the torch `Captioner`
+of captioner.py for a checkpoint, its runtime wired in; `from captioner import Captioner` is load.py's front door)
+and the batch pipeline (batch.py: files -> workers ->
 captions -> rows in CSV/JSONL), Parquet output (parquet.py) and Ray Data as the engine over shards
 (distributed.py).
 

@@ -33,8 +33,7 @@ from ..media.images import (
     size_warning,
     to_rgb,
 )
-from ..runtime.workers import WORKER_TIMEOUT, loader_errors
-from ..runtime.workers import context as worker_context
+from ..runtime.workers import LIGHT_PRELOAD, WORKER_TIMEOUT, pooled
 
 log = logging.getLogger("captioner")
 
@@ -68,7 +67,7 @@ def _make_jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
     decode_jpeg; None where torchvision has no image decoders (deprecated since 0.29, superseded by
     TorchCodec: then PIL decodes, at PIL's speed). libjpeg prints its warnings about damaged data that it can
     still decode ("Corrupt JPEG data: ...", no file name) on fd 2, where PIL's decoder stays silent: fd 2
-    points at /dev/null during the call, which is why only a DataLoader worker (a process of ours, with one
+    points at /dev/null during the call, which is why only a caption worker (a process of ours, with one
     thread) uses it (_jpeg_decoder)."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -93,13 +92,9 @@ _DECODERS: dict[int, Callable[[torch.Tensor], torch.Tensor] | None] = {}  # proc
 
 
 def _jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """This process's torchvision JPEG decoder if it is a DataLoader worker, else None (PIL decodes)."""
-    pid = os.getpid()  # a forked worker is a new process: it does not inherit its parent's answer
-    if pid not in _DECODERS:
-        from torch.utils.data import get_worker_info
-
-        _DECODERS[pid] = _make_jpeg_decoder() if get_worker_info() is not None else None
-    return _DECODERS[pid]
+    """This process's torchvision JPEG decoder if it is a torch engine's caption worker, else None (PIL decodes).
+    Keyed by process id: a forked worker does not inherit its parent's answer."""
+    return _DECODERS.get(os.getpid())
 
 
 def use_worker_jpeg_decoder() -> None:
@@ -115,7 +110,7 @@ def _load(path: Path, min_side: int, max_pixels: int = MAX_PIXELS) -> Image.Imag
         scaling: a 12 MP photo decodes ~9x faster), never to less than 2x the target on either side, so the
         antialiased resize that follows keeps its quality (preprocessed pixels differ by 0.15 grey levels
         on average);
-      - otherwise, in a DataLoader worker, if it is RGB or grey (not CMYK, not MPO): by torchvision's
+      - otherwise, in a torch engine's caption worker, if it is RGB or grey (not CMYK, not MPO): by torchvision's
         decode_jpeg straight into a uint8 (3, H, W) tensor, EXIF orientation applied: the pixels PIL gives,
         bit for bit, without PIL's copy into a tensor (docs/speed.md "Decode (issue 18)").
     Everything else, and any failure, goes through load_image (its checks and error messages)."""
@@ -158,15 +153,22 @@ def _split_transform(transform: Callable) -> tuple[Callable, Callable | None, in
     return T.Compose(steps[:cut]), T.Compose(tail), min_side
 
 
-class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __getitem__)
+class _Files:  # what the caption workers index (workers.pooled): batch b, loaded and maybe captioned
     """Batch b of `paths`: (indices, preprocessed images or what `finish` makes of them, [(index, error)],
-    {index: warning} for images captioned with a warning, e.g. too small)."""
+    {index: warning} for images captioned with a warning, e.g. too small). `stack` joins the per-image results
+    (torch.stack when None; the light engine's np.stack); `setup` runs first in each worker process."""
 
     def __init__(self, paths: Sequence[Path], batch_size: int, transform: Callable, per_batch: Callable | None,
-                 min_side: int = 0, finish: Callable[[torch.Tensor], Any] | None = None,
-                 max_pixels: int = MAX_PIXELS) -> None:
+                 min_side: int = 0, finish: Callable[[Any], Any] | None = None,
+                 max_pixels: int = MAX_PIXELS, stack: Callable[[list], Any] | None = None,
+                 setup: Callable[[], None] | None = None) -> None:
         self.paths, self.batch_size, self.transform, self.per_batch = paths, batch_size, transform, per_batch
         self.min_side, self.finish, self.max_pixels = min_side, finish, max_pixels
+        self.stack, self.setup = stack, setup
+
+    def setup_worker(self) -> None:
+        if self.setup is not None:
+            self.setup()
 
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch_size)
@@ -182,19 +184,59 @@ class _Files:  # a map-style torch Dataset (DataLoader needs only __len__ and __
             return None, " ".join(msg.split()).removeprefix(display_name(self.paths[i]) + ": "), ""
 
     def __getitem__(self, b: int) -> tuple[list[int], Any, list[tuple[int, str]], dict[int, str]]:
-        import torch
+        if self.stack is None:
+            import torch
 
+            self.stack = torch.stack
         span = range(b * self.batch_size, min(len(self.paths), (b + 1) * self.batch_size))
         loaded = [(i, *self._one(i)) for i in span]
         warnings = {i: w for i, _, _, w in loaded if w}
         loaded = [(i, x, e) for i, x, e, _ in loaded]
         good = [(i, x) for i, x, _ in loaded if x is not None]
-        x = torch.stack([x for _, x in good]) if good else None
+        x = self.stack([x for _, x in good]) if good else None
         if x is not None and self.per_batch is not None:
             x = self.per_batch(x)
         if x is not None and self.finish is not None:
             x = self.finish(x)
         return [i for i, _ in good], x, [(i, e) for i, x, e in loaded if x is None], warnings
+
+
+@dataclass
+class _Stages:
+    """How one engine turns files into captions, split between the workers and this process."""
+
+    per_image: Callable[[Any], Any]  # a loaded image -> its resized crop (in the workers)
+    per_batch: Callable[[Any], Any] | None  # the stacked crops -> the encoder's input
+    min_side: int  # the resize target's short side (JPEGs are decoded at reduced scale down to 2x it)
+    stack: Callable[[list], Any] | None  # None: torch.stack
+    setup: Callable[[], None]  # first thing in each worker: one thread, its own decoders
+    preload: Sequence[str] | None  # what the fork server imports (None: workers.PRELOAD, with torch)
+    on_cpu: bool
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    use_worker_jpeg_decoder()
+
+
+def _stages(cap: Any) -> _Stages:
+    """The light engine (LiteCaptioner: Pillow + NumPy preprocessing, no torch) or the torch one (its
+    torchvision transform, split at ToDtype)."""
+    from ..lite.captioner import LiteCaptioner
+
+    if isinstance(cap, LiteCaptioner):
+        import numpy as np
+
+        from ..lite.preprocess import crop_uint8, normalise
+
+        spec = cap.bundle.preprocessing
+        return _Stages(partial(crop_uint8, spec=spec), partial(normalise, spec=spec),
+                       spec.crop if spec.resize == "squash" else spec.short, np.stack, cap.use_one_thread,
+                       LIGHT_PRELOAD, True)
+    per_image, per_batch, min_side = _split_transform(cap.transform)
+    return _Stages(per_image, per_batch, min_side, None, _one_torch_thread, None, cap.device.type == "cpu")
 
 
 def usable_cpus() -> int:
@@ -217,7 +259,6 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
     server (workers.py) and make their own runtime sessions; a job of one batch runs here, at once. A worker
     that returns no batch within job.worker_timeout stops the job with one CaptionerError. On CUDA the model
     stays here (docs/design.md "Worker processes")."""
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from ..lite.search import score_warning
@@ -227,25 +268,21 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
                             no_repeat_ngram=job.no_repeat_ngram, no_repeat_words=job.no_repeat_words)
     paths = [p if hasattr(p, "load") else Path(os.fsdecode(p)) for p in paths]  # str, PathLike or bytes (os.fsdecode:
     # any name, losslessly), or a shards.TarImage
-    per_image, per_batch, min_side = _split_transform(cap.transform)
+    stages = _stages(cap)
     batches = -(-len(paths) // max(1, job.batch_size))
-    workers = min(job.workers, batches) if cap.device.type == "cpu" and batches > 1 else 0  # one batch: here
-    files = _Files(paths, max(1, job.batch_size), per_image, per_batch, min_side,
-                   partial(cap.caption_tensors, cfg=cfg) if workers else None, job.max_pixels)
+    workers = min(job.workers, batches) if stages.on_cpu and batches > 1 else 0  # one batch: here
+    files = _Files(paths, max(1, job.batch_size), stages.per_image, stages.per_batch, stages.min_side,
+                   partial(cap.caption_tensors, cfg=cfg) if workers else None, job.max_pixels, stages.stack,
+                   stages.setup)
     cpus = usable_cpus()
     if workers > cpus:  # said once, in one line (torch's own warning is several, and said twice)
         log.warning(f"captioner: warning: {workers} workers on {cpus} CPU{'s' if cpus != 1 else ''}: each worker "
                     f"runs one thread, so more than {cpus} is usually slower")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-        loader = DataLoader(files, batch_size=None, num_workers=workers, multiprocessing_context=worker_context()
-                            if workers else None, timeout=job.worker_timeout if workers else 0)
-        batches_in = iter(loader)  # torch checks the worker count again here
     results: list[Row] = []
     kept = lambda: f"{len(results)} images were captioned before it stopped (with -o they are kept: rerun with --resume)"  # noqa: E731
-    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar, \
-            loader_errors("caption worker", job.worker_timeout, kept):
-        for idx, x, failed, notes in batches_in:
+    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:
+        for idx, x, failed, notes in pooled(files, len(files), workers, job.worker_timeout, "caption worker", kept,
+                                            stages.preload):
             rows = {i: {"path": str(paths[i]), "caption": "", "score": None, "alternatives": [], "error": err,
                         "warning": ""} for i, err in failed}
             if x is not None:

@@ -169,25 +169,33 @@ def caption_shard(cap: Any, shard: Shard, out: Path, job: Any, alternatives: boo
 class ShardCaptioner:
     """The callable class of map_batches: one per Ray actor. Loads the model once (from its bytes, so the model
     file need not be on every node), captions each shard it is given (batches of one shard) in its own process
-    (workers=0, `threads` torch threads) and returns the shards' summaries as JSON."""
+    (workers=0, `threads` threads) and returns the shards' summaries as JSON. `model`: a checkpoint's bytes, or
+    a bundle folder's files {name: bytes}."""
 
-    def __init__(self, out: str, model: bytes | None, device: str, backend: str | None, int8: bool,
-                 job: dict[str, Any], alternatives: bool, threads: int) -> None:
-        import torch
-
+    def __init__(self, out: str, model: bytes | dict[str, bytes] | None, device: str, backend: str | None,
+                 int8: bool, job: dict[str, Any], alternatives: bool, threads: int) -> None:
         from .batch import CaptionJob
-        from .captioner import Captioner
+        from .load import has_torch, load_captioner
 
-        torch.set_num_threads(threads)
+        if has_torch():
+            import torch
+
+            torch.set_num_threads(threads)
         self.out, self.alternatives = Path(out), alternatives
         self.job = CaptionJob(**{**job, "workers": 0, "progress_bar": False})
         if model is None:
-            self.cap = Captioner.load(None, device, backend=backend, int8=int8)
+            self.cap = load_captioner(None, device, backend=backend, int8=int8, threads=threads)
         else:
             with tempfile.TemporaryDirectory(prefix="captioner-model-") as d:
-                path = Path(d) / "model.pt"
-                path.write_bytes(model)
-                self.cap = Captioner.load(path, device, backend=backend, int8=int8)
+                path = Path(d) / "model"
+                if isinstance(model, dict):
+                    path.mkdir()
+                    for name, data in model.items():
+                        (path / name).write_bytes(data)
+                else:
+                    path = path.with_suffix(".pt")
+                    path.write_bytes(model)
+                self.cap = load_captioner(path, device, backend=backend, int8=int8, threads=threads)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         done = []
@@ -259,8 +267,18 @@ def connected(address: str | None, verbose: bool = False) -> Iterator[Any]:
             ray.shutdown()
 
 
+def _model_bytes(model: str | os.PathLike | None) -> bytes | dict[str, bytes] | None:
+    """What travels to the actors: a checkpoint's bytes, or a bundle folder's files."""
+    if not model:
+        return None
+    path = Path(model)
+    if path.is_dir():
+        return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
+    return path.read_bytes()
+
+
 def caption_shards(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, address: str | None = None,
-                   model: str | os.PathLike | None = None, device: str = "cpu", backend: str | None = "auto",
+                   model: str | os.PathLike | None = None, device: str = "cpu", backend: str | None = None,
                    int8: bool = False, search: dict[str, Any] | None = None, topk: int | None = None,
                    batch_size: int = 32, max_pixels: int = MAX_PIXELS, shard_size: int = SHARD_SIZE,
                    concurrency: int | None = None, num_cpus: float = 1.0, max_retries: int = 3,
@@ -272,14 +290,20 @@ def caption_shards(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     threads) per actor; max_retries: how often Ray retries a shard whose actor died; search: decoding options
     (beam, max_len, ...). on_shard(summary) runs as each shard finishes. Raises CaptionerError (one line)."""
     from .batch import CaptionJob
-    from .captioner import Captioner
+    from .load import CHECKPOINT_BACKEND, is_light, load_captioner, require_torch
 
     start = time.monotonic()
     out = Path(out)
     shards, errors = plan(inputs, recursive, shard_size)
     if not shards:
         raise CaptionerError("no images to caption" + (f" ({errors[0][0]}: {errors[0][1]})" if errors else ""))
-    probe = Captioner.load(model, prepare=False)  # a bad model file is one line here, not an actor's traceback
+    if is_light(model, backend, int8):  # a bad model is one line here, not an actor's traceback
+        probe = load_captioner(model, backend=backend, int8=int8)
+    else:  # a checkpoint, loaded plain: the actors choose and measure its runtimes
+        require_torch(f"--backend {backend or CHECKPOINT_BACKEND}")
+        from .captioner import Captioner
+
+        probe = Captioner.load(model, prepare=False)
     cfg = probe.search_config(**(search or {}), topk=topk)
     if topk is not None and topk > cfg.beam:
         raise UsageProblem(f"--topk {topk} is more than the beam ({cfg.beam}): add --beam {topk} or more")
@@ -303,7 +327,7 @@ def caption_shards(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
             tmp.unlink(missing_ok=True)
     if todo:
         job = CaptionJob(**(search or {}), topk=topk, batch_size=batch_size, max_pixels=max_pixels)
-        args = {"out": str(out.resolve()), "model": Path(model).read_bytes() if model else None, "device": device,
+        args = {"out": str(out.resolve()), "model": _model_bytes(model), "device": device,
                 "backend": backend, "int8": int8, "job": asdict(job), "alternatives": cfg.topk > 1,
                 "threads": max(1, int(num_cpus))}
         with connected(address, verbose) as ray:

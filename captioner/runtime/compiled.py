@@ -28,16 +28,10 @@ import torch
 
 from ..errors import CaptionerError
 from ..model.encoder import Encoder
+from ..options import cache_root  # noqa: F401 - where every cache of ours lives; used here and re-exported
 
 log = logging.getLogger("captioner")
 FORMAT = "captioner-aoti/2"  # bump when what goes into the package changes (2: features and logits out)
-
-
-def cache_root() -> Path:
-    env = os.environ.get("CAPTIONER_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"
 
 
 def package_key(encoder: Encoder, size: tuple[int, int]) -> str:
