@@ -8,6 +8,7 @@ subprocess timeout, with the command named, instead of hanging the suite."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 from conftest import picture
@@ -63,8 +65,8 @@ def runtimes(res: subprocess.CompletedProcess) -> str:
 
 def force_auto(cache: Path, choice: str) -> None:
     """Write auto's answer for this CPU and the shipped model into `cache`, as its measurement would."""
-    from captioner.runtime.backends import choice_path
     from captioner.pipeline.captioner import Captioner
+    from captioner.runtime.backends import choice_path
 
     cap = Captioner.load(prepare=False)
     cap.encoder.prepare_inference(cap.device, bf16=False)  # the key names the prepared fp32 encoder
@@ -96,6 +98,36 @@ def clip(tmp_path_factory) -> Path:
     from test_app import make_video
 
     return make_video(tmp_path_factory.mktemp("video") / "clip.mp4", seconds=4)
+
+
+@contextlib.contextmanager
+def serving_app(env: dict[str, str], flags: list[str]) -> Iterator[Any]:
+    """`python app.py --port P FLAGS` as users start it, with `env`: a gradio Client once its page answers (the
+    app is stopped after the block; one that exits or does not answer in TIMEOUT s fails the test)."""
+    import gradio_client
+    from test_app import free_port
+
+    port = free_port()
+    app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *flags], env=env, cwd=ROOT,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + TIMEOUT
+        client = None
+        while client is None:
+            assert app.poll() is None, f"app.py exited {app.returncode}: {app.stderr.read().decode()[-1500:]}"
+            assert time.monotonic() < deadline, "app.py did not serve its page in time"
+            try:
+                client = gradio_client.Client(url, verbose=False, analytics_enabled=False)
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        yield client
+    finally:
+        app.terminate()
+        try:
+            app.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+            app.wait()
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -247,8 +279,8 @@ class _Stalls:
 @pytest.mark.timeout(300)
 def test_a_stalled_worker_stops_the_job_with_one_error(tiny_model, good_folder):
     """No batch for worker_timeout seconds: one CaptionerError saying so, the batches before it delivered."""
-    from captioner.pipeline.batch import caption_files
     from captioner.errors import CaptionerError
+    from captioner.pipeline.batch import caption_files
     from captioner.pipeline.captioner import Captioner
 
     delivered: list = []
@@ -270,26 +302,12 @@ def test_worker_timeout_is_checked_before_anything_loads(tmp_path):
 def test_app_batch_and_video_tabs_with_the_onnx_encoder(backend, photos, clip, shared_cache):
     """app.py as users start it, on the onnx encoder: the Batch and Video tabs through their API endpoints."""
     gradio_client = pytest.importorskip("gradio_client")
-    from test_app import free_port
-
     env = fresh_env(shared_cache)
     flags = ["--backend", backend]
     if backend.startswith("auto:"):
         force_auto(shared_cache / "cache", backend[5:])
         flags = ["--backend", "auto"]
-    port = free_port()
-    app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *flags], env=env, cwd=ROOT,
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + TIMEOUT
-        client = None
-        while client is None:
-            assert app.poll() is None, f"app.py exited {app.returncode}: {app.stderr.read().decode()[-1500:]}"
-            assert time.monotonic() < deadline, "app.py did not serve its page in time"
-            try:
-                client = gradio_client.Client(url, verbose=False, analytics_enabled=False)
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(1)
+    with serving_app(env, flags) as client:
         files = [gradio_client.handle_file(str(p)) for p in sorted(photos.iterdir())]
         _, table, csv_path, _, _ = client.predict(files, 1, api_name="/caption_batch")
         rows = table["data"] if isinstance(table, dict) else table
@@ -297,10 +315,3 @@ def test_app_batch_and_video_tabs_with_the_onnx_encoder(backend, photos, clip, s
         frames, segments, srt, _ = client.predict(gradio_client.handle_file(str(clip)), 1.0, False, 1,
                                                   api_name="/caption_video")
         assert len(frames) == 4 and Path(srt).read_text(encoding="utf-8").strip()
-    finally:
-        app.terminate()
-        try:
-            app.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            app.kill()
-            app.wait()

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import shared_or_skip
-from test_e2e import COMMAND, ROOT, N, fresh_env, ok, photos  # noqa: F401 - photos: the fixture
+from test_e2e import COMMAND, ROOT, N, fresh_env, ok, photos, serving_app  # noqa: F401 - photos: the fixture
 from test_e2e import captioner as run
 
 BLOCKED = ("torch", "torchvision", "timm", "torchaudio")
@@ -121,21 +120,10 @@ def test_torch_commands_say_which_extra_in_one_line(light_env, argv, photos):  #
 @pytest.mark.timeout(600)
 def test_app_serves_all_three_tabs_without_torch(light_env, photos, tmp_path):  # noqa: F811
     gradio_client = pytest.importorskip("gradio_client")
-    from test_app import free_port, make_video
+    from test_app import make_video
 
     clip = make_video(tmp_path / "clip.mp4", seconds=3)
-    port = free_port()
-    app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], env=light_env, cwd=ROOT,
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline, client = time.monotonic() + TIMEOUT, None
-        while client is None:
-            assert app.poll() is None, f"app.py exited {app.returncode}: {app.stderr.read().decode()[-1500:]}"
-            assert time.monotonic() < deadline, "app.py did not serve its page in time"
-            try:
-                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False)
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(1)
+    with serving_app(light_env, []) as client:
         first = sorted(photos.iterdir())[0]
         image_out = client.predict(gradio_client.handle_file(str(first)), 3, 20, 3, api_name="/caption")
         assert image_out[0], image_out
@@ -146,9 +134,3 @@ def test_app_serves_all_three_tabs_without_torch(light_env, photos, tmp_path):  
         frames, _, srt, _ = client.predict(gradio_client.handle_file(str(clip)), 1.0, False, 1,
                                            api_name="/caption_video")
         assert len(frames) == 3 and Path(srt).read_text(encoding="utf-8").strip()
-    finally:
-        app.terminate()
-        try:
-            app.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            app.kill()
