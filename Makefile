@@ -16,14 +16,19 @@ light: $(VENV)/.light
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/pip || $(BIN)/python -m ensurepip --quiet  # a light venv (make app) has no pip of its own
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[train,app,dev,ray]'
 	touch $@ $(VENV)/.light
 
-# --no-compile: bytecode is written for what runs, not for every module of every package (~100 MB)
+# --no-compile: bytecode is written for what runs, not for every module of every package (~100 MB); the venv gets
+# no pip of its own (17 MB) where this python's pip can install into it (pip >= 22.3: --python)
+LIGHT_PIP = $(PYTHON) -m pip --python $(BIN)/python
 $(VENV)/.light: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
-	$(PYTHON) -m pip --python $(BIN)/python install --quiet --no-compile -e '.[app]'
+	test -x $(BIN)/python || { $(PYTHON) -c "import pip, sys; sys.exit(tuple(map(int, pip.__version__.split('.')[:2])) \
+	  < (22, 3))" 2>/dev/null && $(PYTHON) -m venv --without-pip $(VENV); } || $(PYTHON) -m venv $(VENV)
+	{ test -x $(BIN)/pip && $(BIN)/pip install --quiet --no-compile -e '.[app]'; } \
+	  || $(LIGHT_PIP) install --quiet --no-compile -e '.[app]'
 	touch $@
 
 app: light
