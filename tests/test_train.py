@@ -230,9 +230,14 @@ def test_sampled_captions_and_their_log_probabilities():
     assert dec.L_o.bias.grad is not None and dec.L_o.bias.grad.abs().sum() > 0
 
 
-def test_self_critical_training_from_init(tmp_path, shapes):
+def test_self_critical_training_from_init(tmp_path, shapes, monkeypatch):
     """--init + --scst: epoch 0 validates the starting weights (best.pt holds them until beaten), the
-    samples' mean CIDEr-D reward rises, and the decoder, vocabulary and encoder come from the checkpoint."""
+    samples' mean CIDEr-D reward rises, and the decoder, vocabulary and encoder come from the checkpoint;
+    samples are drawn with dropout off (the default --scst-dropout false)."""
+    import captioner.training.scst as scst
+
+    modes, draw = [], scst.sample
+    monkeypatch.setattr(scst, "sample", lambda decoder, *a, **k: modes.append(decoder.training) or draw(decoder, *a, **k))
     kw = dict(data=[str(shapes)], cache_dir=str(tmp_path / "cache"), seed=0, **{**SMALL, "beam": 1})
     xe = train(TrainConfig(out=str(tmp_path / "xe"), epochs=3, patience=50, **kw))
     start = load_checkpoint(xe)
@@ -258,6 +263,35 @@ def test_self_critical_training_from_init(tmp_path, shapes):
     train(TrainConfig(epochs=4, **part), resume=True)
     a, b = load_checkpoint(tmp_path / "scst" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
     assert all(torch.equal(a["decoder"][k], b["decoder"][k]) for k in a["decoder"])
+    assert modes and not any(modes)
+
+
+def test_select_cider_picks_the_epoch_with_the_best_cider(tmp_path, shapes):
+    """--select cider: best.pt is the epoch with the highest validation CIDEr-D (the LR schedule and early
+    stopping follow it too), not the one with the highest BLEU-4."""
+    kw = dict(data=[str(shapes)], cache_dir=str(tmp_path / "cache"), seed=0, **{**SMALL, "beam": 1})
+    best = train(TrainConfig(out=str(tmp_path / "c"), epochs=4, patience=50, select="cider", **kw))
+    log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert load_checkpoint(best)["config"]["val"]["epoch"] == max(log, key=lambda r: r["val_CIDEr-D"])["epoch"]
+
+
+def test_end_in_the_reward_marks_a_fragment():
+    """--scst-end (the default): <end> is a word of the caption and of its references, so a caption that stops
+    mid-phrase loses the n-grams that end a reference, and scores lower against the full caption than without."""
+    from captioner.model.vocab import END, Vocab, tokenize
+    from captioner.training.metrics import CiderD
+    from captioner.training.scst import rewards
+
+    refs = [["a red circle above a blue square", "a red circle above the blue square"],
+            ["a green triangle left of a yellow circle", "a green triangle next to a yellow circle"]]
+    vocab = Vocab.build([c for rs in refs for c in rs])
+    caps = ["a red circle above a blue square", "a red circle above a"]  # image 0: whole, a fragment
+    ids = [vocab.encode(c)[1:] for c in caps]
+    words = torch.tensor([row + [vocab.pad] * (9 - len(row)) for row in ids])
+    plain = rewards(words, [0], 2, vocab, CiderD([[tokenize(c) for c in rs] for rs in refs]))
+    ended = rewards(words, [0], 2, vocab, CiderD([[tokenize(c) + [END] for c in rs] for rs in refs]), end=True)
+    assert ended[0, 0] > ended[0, 1] and plain[0, 0] > plain[0, 1]
+    assert ended[0, 1] / ended[0, 0] < plain[0, 1] / plain[0, 0]  # the fragment is marked down
 
 
 def test_rewards_are_cider_d_plus_weighted_bleu():

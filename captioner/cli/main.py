@@ -57,7 +57,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "scst_bleu": Range(float, 0), "ram_gb": Range(float, 0), "threads": Range(int, 0, 1024),
 }
 TRAIN_CHOICES: dict[str, tuple] = {"grid": (7, 14), "resize": ("crop", "squash"), "penalty": ("mean", "sum"),
-                                   "init_state": ("image", "learned")}
+                                   "init_state": ("image", "learned"), "select": ("bleu4", "cider")}
 
 
 def train_fields() -> list[tuple[str, Any, str]]:

@@ -56,33 +56,40 @@ def sample(decoder: Decoder, feats: torch.Tensor, k: int, max_len: int, vocab: V
 
 
 def rewards(words: torch.Tensor, images: Sequence[int], k: int, vocab: Vocab, cider: CiderD,
-            bleu_weight: float = 0.0) -> torch.Tensor:
+            bleu_weight: float = 0.0, end: bool = False) -> torch.Tensor:
     """CIDEr-D (+ bleu_weight x sentence BLEU-4) of each sampled caption (rows of `words`, k per image) against
-    its image's references (cider.refs' token lists)."""
+    its image's references (cider.refs' token lists). end: <end> is a word of a caption that ended (the
+    references must then end with it too: train.py builds `cider` so), so that n-grams ending a caption count
+    and a fragment that stops early ("a man with a") is not rewarded; BLEU is scored without it."""
     out = []
     for row, ids in enumerate(words.tolist()):
-        ids = ids[: ids.index(vocab.end)] if vocab.end in ids else ids
+        ended = vocab.end in ids
+        ids = ids[: ids.index(vocab.end)] if ended else ids
         tokens, image = [vocab.itos[i] for i in ids], images[row // k]
-        r = cider.score(tokens, image)
+        r = cider.score(tokens + [vocab.itos[vocab.end]] if end and ended else tokens, image)
         if bleu_weight:
-            r += bleu_weight * coco_bleu([tokens], [cider.tokens[image]])[3]
+            refs = [ref[:-1] if end and ref and ref[-1] == vocab.itos[vocab.end] else ref for ref in cider.tokens[image]]
+            r += bleu_weight * coco_bleu([tokens], [refs])[3]
         out.append(r)
     return torch.tensor(out).view(-1, k)
 
 
 def scst_epoch(decoder: Decoder, loader: DataLoader, optim: torch.optim.Optimizer, cider: CiderD, vocab: Vocab,
                k: int, max_len: int, grad_clip: float, device: torch.device, desc: str, show: bool,
-               generator: torch.Generator, ema: AveragedModel | None = None, bleu_weight: float = 0.0) -> float:
-    """One pass over the training images; returns the mean reward of the samples."""
+               generator: torch.Generator, ema: AveragedModel | None = None, bleu_weight: float = 0.0,
+               dropout: bool = False, end: bool = True) -> float:
+    """One pass over the training images; returns the mean reward of the samples. dropout: sample with dropout on
+    (off by default: the samples are then the captions the model writes, not a noisier model's); end: see
+    rewards."""
     from tqdm import tqdm
 
-    decoder.train()  # dropout on while sampling, as in teacher forcing
+    decoder.train(dropout)  # eval mode switches dropout off; the gradients flow all the same
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show)
     for feats, images in bar:
         feats = feats.to(device).float()
         words, logp, mask = sample(decoder, feats, k, max_len, vocab, generator)
-        r = rewards(words, images.tolist(), k, vocab, cider, bleu_weight)
+        r = rewards(words, images.tolist(), k, vocab, cider, bleu_weight, end)
         baseline = (r.sum(1, keepdim=True) - r) / (k - 1)  # the mean of the other samples of the same image
         advantage = (r - baseline).view(-1, 1).to(device)
         loss = -(advantage * logp * mask).sum() / mask.sum()

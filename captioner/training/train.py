@@ -37,7 +37,7 @@ from ..model.checkpoint import build_decoder, load_checkpoint, save_checkpoint
 from ..model.decoder import PENALTIES, Decoder, DecoderConfig, attention_penalty
 from ..model.encoder import Encoder, EncoderConfig, augment_transform
 from ..model.search import SearchConfig, search
-from ..model.vocab import Vocab, tokenize
+from ..model.vocab import END, Vocab, tokenize
 from ..runtime.workers import WORKER_TIMEOUT
 from ..runtime.workers import context as worker_context
 from .data import (
@@ -106,6 +106,9 @@ class TrainConfig:
     scst: bool = False  # self-critical training on sampled captions with a CIDEr-D reward (Rennie et al. 2017), after --init from a teacher-forced model
     scst_samples: int = 5  # captions sampled per image under --scst; a batch is batch-size // this images
     scst_bleu: float = 0.0  # under --scst the reward is CIDEr-D + this x sentence BLEU-4
+    scst_dropout: bool = False  # under --scst, sample with dropout on (off: the captions the model would write)
+    scst_end: bool = True  # under --scst, <end> counts as a word of every caption and reference in the reward (Rennie et al.: a fragment that stops early is not rewarded)
+    select: str = "bleu4"  # the validation figure that picks best.pt, decays the LR and stops early: bleu4 or cider (CIDEr-D; what --scst optimises)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -402,7 +405,8 @@ def _set_up(cfg: TrainConfig, vocab: Vocab, items: list[Item], texts: list[str],
     view_gb = sum(v.nbytes for v in train_views) / 2**30
     log.info("training views: %.1f GB, %s", view_gb, "in RAM" if view_gb <= cfg.ram_gb else "read from the cache files")
     dataset = CaptionPairs(train_views, train_caps, seed=cfg.seed, per_image=cfg.per_image, in_ram=view_gb <= cfg.ram_gb)
-    cider = CiderD([[tokenize(c) for c in it.captions] for it in items if it.split == "train"]) if cfg.scst else None
+    end = [END] if cfg.scst_end else []  # the reward's references end with <end> too (scst.rewards)
+    cider = CiderD([[tokenize(c) + end for c in it.captions] for it in items if it.split == "train"]) if cfg.scst else None
     images, sampling = ImageViews(dataset), torch.Generator(device=device)
     text_pairs = TextPairs([vocab.encode(t, cfg.max_len) for t in texts], tuple(train_views[0].shape[1:]))
     n_text = min(len(text_pairs), round(cfg.text_ratio * len(dataset.pairs)))
@@ -427,21 +431,24 @@ def _train_one_epoch(run: Run, epoch: int) -> float | None:
         run.sampling.manual_seed(cfg.seed * 1000 + epoch)
         return scst_epoch(run.decoder, loader, run.optim, run.cider, run.vocab, cfg.scst_samples, cfg.max_len,
                           cfg.grad_clip, run.device, f"epoch {epoch} (scst)", run.rank == 0, run.sampling, run.ema,
-                          bleu_weight=cfg.scst_bleu)
+                          bleu_weight=cfg.scst_bleu, dropout=cfg.scst_dropout, end=cfg.scst_end)
     loader = epoch_loader(run.dataset, run.text_pairs, run.n_text, cfg, epoch, run.vocab.pad, run.rank, run.world)
     return train_epoch(run.model, run.decoder, loader, run.optim, run.criterion, cfg, run.vocab.pad, run.device,
                        f"epoch {epoch}", run.rank == 0, run.tuned, run.head, run.ema)
 
 
+SELECT = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}  # --select: the metric's name in score_captions
+
+
 def _validate(run: Run, distributed: bool) -> tuple[float, dict[str, float]]:
     """Validation by real beam decoding of the weights that would be saved (the EMA's when on), on rank 0;
-    BLEU-4 (what selects the best epoch) is shared with every rank."""
+    the --select figure (what selects the best epoch) is shared with every rank."""
     score, metrics = torch.zeros(1), {}
     if run.rank == 0:
         maps: list = []
         hyps = decode_features(_final(run), run.vocab, run.val_feats, run.scfg, run.device, head=run.head, maps=maps)
         metrics = score_captions(hyps, [it.captions for it in run.val_items]) | attention_stats(maps)
-        score[0] = metrics["BLEU-4"]
+        score[0] = metrics[SELECT[run.cfg.select]]
     if distributed:
         dist.broadcast(score, 0)
     return float(score[0]), metrics
@@ -451,13 +458,13 @@ def _final(run: Run) -> nn.Module:
     return run.ema.module if run.ema is not None else run.decoder  # the weights that are validated and saved
 
 
-def _select(run: Run, epoch: int, bleu4: float, started: float) -> bool:
-    """LR schedule and model selection on validation BLEU-4: whether this epoch is the best so far."""
-    run.sched.step(bleu4)
-    improved = bleu4 > run.ts["best"]
+def _select(run: Run, epoch: int, score: float, started: float) -> bool:
+    """LR schedule and model selection on the validation figure of --select: whether this epoch is the best so far."""
+    run.sched.step(score)
+    improved = score > run.ts["best"]
     run.ts.update(epoch=epoch, elapsed=time.time() - started)
     if improved:
-        run.ts.update(best=bleu4, best_epoch=epoch, bad_epochs=0)
+        run.ts.update(best=score, best_epoch=epoch, bad_epochs=0)
     else:
         run.ts["bad_epochs"] += 1
     return improved
@@ -487,11 +494,11 @@ def _save(run: Run, epoch: int, loss: float | None, metrics: dict[str, float], i
 
 
 def _stop(run: Run, epoch: int) -> bool:
-    """Early stopping (no better validation BLEU-4 for --patience epochs) and --time-limit-min."""
+    """Early stopping (no better validation figure of --select for --patience epochs) and --time-limit-min."""
     cfg, ts = run.cfg, run.ts
     if ts["bad_epochs"] >= cfg.patience:
-        log.info("early stop: no better validation BLEU-4 for %d epochs (best %.4f at epoch %d)",
-                 cfg.patience, ts["best"], ts["best_epoch"])
+        log.info("early stop: no better validation %s for %d epochs (best %.4f at epoch %d)",
+                 SELECT[cfg.select], cfg.patience, ts["best"], ts["best_epoch"])
         return True
     if cfg.time_limit_min and ts["elapsed"] > cfg.time_limit_min * 60:
         log.info("time limit reached after epoch %d", epoch)
@@ -519,7 +526,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     vocab, state = _vocab_and_state(cfg, init, items, texts, Path(cfg.out) / "last.pt", resume)
     if _finished(cfg, state):  # `make model` reruns a finished run: nothing to redo
         done = state["train_state"]
-        log.info("%s already finished (best validation BLEU-4 %.4f at epoch %d)", cfg.out, done["best"], done["best_epoch"])
+        log.info("%s already finished (best validation %s %.4f at epoch %d)", cfg.out, SELECT[cfg.select], done["best"],
+                 done["best_epoch"])
         if distributed:
             dist.destroy_process_group()
         return best_path
@@ -533,8 +541,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         startup = {"startup_s": round(epoch_start - called, 1)} if epoch == first else {}  # caches opened/copied
         loss = _train_one_epoch(run, epoch)
         train_s = time.time() - epoch_start
-        bleu4, metrics = _validate(run, distributed)
-        improved = _select(run, epoch, bleu4, started)
+        score, metrics = _validate(run, distributed)
+        improved = _select(run, epoch, score, started)
         if run.rank == 0:
             _save(run, epoch, loss, metrics, improved, {"train_s": round(train_s, 1), **startup})
         if _stop(run, epoch):
