@@ -165,6 +165,23 @@ def test_more_workers_than_cpus_is_one_line(tiny_model, tmp_path):
         f"so more than {n - 1} is usually slower"], lines
 
 
+def test_cache_with_more_workers_than_cpus_is_one_line(tmp_path):
+    """The same for `captioner cache --workers N` (its DataLoader's warning was still torch's)."""
+    from synth import make_dataset
+
+    from captioner.runtime.workers import usable_cpus
+
+    data = make_dataset(tmp_path / "shapes", n_train=12, n_val=4, n_test=4)
+    n = usable_cpus() + 1
+    run = cli("cache", "--data", data, "--encoder", "pixels", "--workers", n, "--cache-dir", tmp_path / "cache",
+              "--no-progress")
+    assert run.returncode == 0, run.stderr
+    assert "UserWarning" not in run.stderr and "DataLoader" not in run.stderr, run.stderr
+    assert [line for line in run.stderr.splitlines() if "warning:" in line] == [
+        f"captioner: warning: {n} workers on {n - 1} CPU{'s' if n > 2 else ''}: each worker runs one thread, "
+        f"so more than {n - 1} is usually slower"], run.stderr
+
+
 # ---------------------------------------------------------- item 6: options that do not go together ------
 def test_topk_above_beam_and_sidecar_with_write_metadata_are_usage_errors(good_folder, tiny_model, tmp_path, capsys):
     missing = tmp_path / "no-model.pt"  # checked before anything loads: the model is never looked at

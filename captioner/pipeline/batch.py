@@ -33,7 +33,7 @@ from ..media.images import (
     size_warning,
     to_rgb,
 )
-from ..runtime.workers import LIGHT_PRELOAD, WORKER_TIMEOUT, pooled
+from ..runtime.workers import LIGHT_PRELOAD, WORKER_TIMEOUT, pooled, usable_cpus, warn_if_more_than_cpus  # noqa: F401
 
 log = logging.getLogger("captioner")
 
@@ -239,14 +239,6 @@ def _stages(cap: Any) -> _Stages:
     return _Stages(per_image, per_batch, min_side, None, _one_torch_thread, None, cap.device.type == "cpu")
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one: a container's cpuset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: CaptionJob | None = None,
                   on_batch: Callable[[list[Row]], None] | None = None,
                   progress: Callable[[int], None] | None = None, **overrides: Any) -> list[Row]:
@@ -274,10 +266,7 @@ def caption_files(cap: Any, paths: Sequence[str | bytes | os.PathLike], job: Cap
     files = _Files(paths, max(1, job.batch_size), stages.per_image, stages.per_batch, stages.min_side,
                    partial(cap.caption_tensors, cfg=cfg) if workers else None, job.max_pixels, stages.stack,
                    stages.setup)
-    cpus = usable_cpus()
-    if workers > cpus:  # said once, in one line (torch's own warning is several, and said twice)
-        log.warning(f"captioner: warning: {workers} workers on {cpus} CPU{'s' if cpus != 1 else ''}: each worker "
-                    f"runs one thread, so more than {cpus} is usually slower")
+    warn_if_more_than_cpus(workers)
     results: list[Row] = []
     kept = lambda: f"{len(results)} images were captioned before it stopped (with -o they are kept: rerun with --resume)"  # noqa: E731
     with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not job.progress_bar, dynamic_ncols=True) as bar:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -24,6 +26,8 @@ from multiprocessing.context import BaseContext
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import CaptionerError
+
+log = logging.getLogger("captioner")
 
 # spawn where there is no fork server (Windows): also a fresh interpreter, slower to start
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -127,3 +131,20 @@ def pooled(items: Any, n: int, workers: int, timeout: float, what: str, done: Ca
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.kill()
         pool.shutdown(wait=finished, cancel_futures=True)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one: a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def warn_if_more_than_cpus(workers: int) -> None:
+    """One warning line when `workers` one-thread processes exceed the usable CPUs (torch's DataLoader says it in
+    several lines, twice: its warning is silenced where we make one)."""
+    cpus = usable_cpus()
+    if workers > cpus:
+        log.warning(f"captioner: warning: {workers} workers on {cpus} CPU{'s' if cpus != 1 else ''}: each worker "
+                    f"runs one thread, so more than {cpus} is usually slower")

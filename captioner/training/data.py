@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,16 +242,19 @@ def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, ta
     """Encode `paths` (global rows offset...) into the .npy `target`: a temporary file, renamed when complete."""
     from tqdm import tqdm
 
-    loader = DataLoader(_ImageFiles(paths, transform, seed=view, offset=offset), batch_size=batch_size,
-                        num_workers=num_workers, generator=torch.Generator().manual_seed(view),  # no global RNG draws
-                        multiprocessing_context=worker_context() if num_workers else None,
-                        timeout=WORKER_TIMEOUT if num_workers else 0)
+    with warnings.catch_warnings():  # more workers than CPUs: said once, in one line (cli/main.py), not torch's way
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        loader = DataLoader(_ImageFiles(paths, transform, seed=view, offset=offset), batch_size=batch_size,
+                            num_workers=num_workers, generator=torch.Generator().manual_seed(view),  # no global RNG draws
+                            multiprocessing_context=worker_context() if num_workers else None,
+                            timeout=WORKER_TIMEOUT if num_workers else 0)
+        batches = iter(loader)  # torch checks the worker count again here
     tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
     out = None
     row = 0
     encoder.to(device)
     with loader_errors("image-loading worker", WORKER_TIMEOUT):
-        for images in tqdm(loader, desc=f"encoding view {view}", unit="batch", leave=False):
+        for images in tqdm(batches, total=len(loader), desc=f"encoding view {view}", unit="batch", leave=False):
             feats = encoder.encode_cached(images.to(device))
             if out is None:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *feats.shape[1:]))

@@ -38,7 +38,7 @@ from ..model.decoder import PENALTIES, Decoder, DecoderConfig, attention_penalty
 from ..model.encoder import Encoder, EncoderConfig, augment_transform
 from ..model.search import SearchConfig, search
 from ..model.vocab import END, Vocab, tokenize
-from ..runtime.workers import WORKER_TIMEOUT
+from ..runtime.workers import WORKER_TIMEOUT, warn_if_more_than_cpus
 from ..runtime.workers import context as worker_context
 from .data import (
     CaptionPairs,
@@ -156,6 +156,7 @@ def caching_encoder(cfg: TrainConfig) -> Encoder:
 def cache_all(cfg: TrainConfig) -> dict[str, list[np.ndarray]]:
     """Every cache train() and evaluate read: cfg.views views of the training split, one of val and test."""
     items, encoder = gather_items(cfg.data), caching_encoder(cfg)
+    warn_if_more_than_cpus(cfg.num_workers)
     out = {"train": split_features(items, "train", encoder, cfg, cfg.views), "val": split_features(items, "val", encoder, cfg)}
     if any(it.split == "test" for it in items):
         out["test"] = split_features(items, "test", encoder, cfg)
