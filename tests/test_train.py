@@ -15,9 +15,9 @@ import pytest
 import torch
 from synth import make_dataset
 
-from captioner.training.evaluate import evaluate
-from captioner.pipeline.captioner import Captioner
 from captioner.model.checkpoint import load_checkpoint
+from captioner.pipeline.captioner import Captioner
+from captioner.training.evaluate import evaluate
 from captioner.training.train import TrainConfig, train
 
 SMALL = dict(encoder="pixels", pretrained=False, feat_proj=128, embed_dim=64, hidden_dim=128, attn_dim=64,
@@ -106,8 +106,8 @@ def test_text_only_captions_train_the_language(tmp_path):
     batches (with a blank grid); val/test captions without images never do."""
     import csv
 
-    from captioner.training.data import load_dataset, load_text_only
     from captioner.model.vocab import Vocab
+    from captioner.training.data import load_dataset, load_text_only
 
     data = make_dataset(tmp_path / "d", n_train=60, n_val=12, n_test=6)
     with data.open("a", newline="") as f:
@@ -204,8 +204,8 @@ def test_sampled_captions_and_their_log_probabilities():
     <end> forced after max_len words); the log-probabilities it returns are those teacher forcing gives the same
     words, and the mask covers each caption up to and including its first <end>."""
     from captioner.model.decoder import Decoder, DecoderConfig
-    from captioner.training.scst import sample
     from captioner.model.vocab import Vocab
+    from captioner.training.scst import sample
 
     torch.manual_seed(0)
     vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", *[f"w{i}" for i in range(8)]])
@@ -295,9 +295,9 @@ def test_end_in_the_reward_marks_a_fragment():
 
 
 def test_rewards_are_cider_d_plus_weighted_bleu():
+    from captioner.model.vocab import Vocab, tokenize
     from captioner.training.metrics import CiderD, coco_bleu
     from captioner.training.scst import rewards
-    from captioner.model.vocab import Vocab, tokenize
 
     refs = [["a red circle above a blue square", "a blue square below a red circle"],
             ["a green triangle left of a yellow circle", "a yellow circle right of a green triangle"]]

@@ -33,7 +33,13 @@ from ..media.images import (
     size_warning,
     to_rgb,
 )
-from ..runtime.workers import LIGHT_PRELOAD, WORKER_TIMEOUT, pooled, usable_cpus, warn_if_more_than_cpus  # noqa: F401
+from ..runtime.workers import (  # noqa: F401
+    LIGHT_PRELOAD,
+    WORKER_TIMEOUT,
+    pooled,
+    usable_cpus,
+    warn_if_more_than_cpus,
+)
 
 log = logging.getLogger("captioner")
 
