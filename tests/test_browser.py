@@ -42,12 +42,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url(tiny_model):
     from captioner.app import ui
-    from captioner.pipeline.captioner import Captioner
-    from captioner.model.checkpoint import default_model_path
+    from captioner.pipeline.load import default_model, load_captioner
 
-    # the shipped model when there is one (the screenshots go into the README), else the tiny random one
-    model = default_model_path() if default_model_path().is_file() else tiny_model
-    demo = ui.build_demo(Captioner.load(model))
+    # the shipped model on the default path (the light bundle) when there is one: the screenshots go into the
+    # README; else the tiny random one
+    model = default_model() if (default_model() / "model.json").is_file() else tiny_model
+    demo = ui.build_demo(load_captioner(model))
     port = free_port()
     ui.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:
