@@ -54,6 +54,8 @@ def load_captioner(model: Path | str | None = None, device: str = "cpu", backend
     """A LiteCaptioner for a model bundle (the default model), else the torch Captioner for a checkpoint (.pt),
     which needs torch ([train]); backend None: onnx for a bundle, auto for a checkpoint. Every failure is one
     CaptionerError."""
+    if not model and device != "cpu" and backend is None:
+        backend = CHECKPOINT_BACKEND  # the shipped model on a GPU: its checkpoint, which torch runs there
     path = Path(model) if model else default_model(backend, int8)
     if _is_bundle(path):
         if backend not in (None, LIGHT_BACKEND) or int8:
