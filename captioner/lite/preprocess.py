@@ -98,10 +98,15 @@ def axis_weights(in_size: int, out_size: int, interpolation: str) -> tuple[np.nd
     return first, weights, precision
 
 
-def _pass(pixels: np.ndarray, axis: int, out_size: int, interpolation: str) -> np.ndarray:
-    """Resize uint8 `pixels` (H, W, C) along `axis` (1: width, 0: height) to out_size; uint8 out."""
+def _pass(pixels: np.ndarray, axis: int, out_size: int, interpolation: str,
+          keep: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize uint8 `pixels` (H, W, C) along `axis` (1: width, 0: height) to out_size; uint8 out. keep=(a, b): only
+    output indices a..b-1 (each output index depends on its own weights alone: the same values, less work)."""
     in_size = pixels.shape[axis]
     first, weights, precision = axis_weights(in_size, out_size, interpolation)
+    if keep is not None:
+        first, weights = first[keep[0]:keep[1]], weights[keep[0]:keep[1]]
+        out_size = len(first)
     src = np.ascontiguousarray(np.moveaxis(pixels, axis, 0))  # the resized axis first, contiguous: (in, other, C)
     acc = np.full((out_size,) + src.shape[1:], 1 << (precision - 1), dtype=np.int32)
     term = np.empty_like(acc)
@@ -116,14 +121,19 @@ def _pass(pixels: np.ndarray, axis: int, out_size: int, interpolation: str) -> n
     return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
-def resize_uint8(pixels: np.ndarray, height: int, width: int, interpolation: str = "bicubic") -> np.ndarray:
-    """uint8 (H, W, C) -> (height, width, C), antialiased, bit-identical to torch's uint8 kernel: width first."""
+def resize_uint8(pixels: np.ndarray, height: int, width: int, interpolation: str = "bicubic",
+                 window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """uint8 (H, W, C) -> (height, width, C), antialiased, bit-identical to torch's uint8 kernel: width first.
+    window=(top, left, rows, columns): only that part of the result (a centre crop computes just what it keeps)."""
     if interpolation not in FILTERS:
         raise ValueError(f"interpolation must be one of {FILTERS}, not {interpolation!r}")
-    if pixels.shape[1] != width:
-        pixels = _pass(pixels, 1, width, interpolation)
-    if pixels.shape[0] != height:
-        pixels = _pass(pixels, 0, height, interpolation)
+    top, left, rows, cols = window or (0, 0, height, width)
+    if pixels.shape[1] != width or (left, cols) != (0, width):
+        pixels = _pass(pixels, 1, width, interpolation, (left, left + cols)) if pixels.shape[1] != width \
+            else pixels[:, left:left + cols]
+    if pixels.shape[0] != height or (top, rows) != (0, height):
+        pixels = _pass(pixels, 0, height, interpolation, (top, top + rows)) if pixels.shape[0] != height \
+            else pixels[top:top + rows]
     return pixels
 
 
@@ -154,7 +164,10 @@ def crop_uint8(image: Image.Image, spec: Preprocessing) -> np.ndarray:
         image = to_rgb(image)
     pixels = np.asarray(image, dtype=np.uint8)
     height, width = resized_size(pixels.shape[0], pixels.shape[1], spec)
-    return center_crop(resize_uint8(pixels, height, width, spec.interpolation), spec.crop)
+    if spec.crop > height or spec.crop > width:  # the crop pads: resize it all, then pad (center_crop)
+        return center_crop(resize_uint8(pixels, height, width, spec.interpolation), spec.crop)
+    top, left = int(round((height - spec.crop) / 2.0)), int(round((width - spec.crop) / 2.0))  # center_crop's anchors
+    return resize_uint8(pixels, height, width, spec.interpolation, (top, left, spec.crop, spec.crop))
 
 
 def normalise(crops: np.ndarray, spec: Preprocessing) -> np.ndarray:
