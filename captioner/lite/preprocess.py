@@ -121,19 +121,14 @@ def _pass(pixels: np.ndarray, axis: int, out_size: int, interpolation: str,
     return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
-def resize_uint8(pixels: np.ndarray, height: int, width: int, interpolation: str = "bicubic",
-                 window: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """uint8 (H, W, C) -> (height, width, C), antialiased, bit-identical to torch's uint8 kernel: width first.
-    window=(top, left, rows, columns): only that part of the result (a centre crop computes just what it keeps)."""
+def resize_uint8(pixels: np.ndarray, height: int, width: int, interpolation: str = "bicubic") -> np.ndarray:
+    """uint8 (H, W, C) -> (height, width, C), antialiased, bit-identical to torch's uint8 kernel: width first."""
     if interpolation not in FILTERS:
         raise ValueError(f"interpolation must be one of {FILTERS}, not {interpolation!r}")
-    top, left, rows, cols = window or (0, 0, height, width)
-    if pixels.shape[1] != width or (left, cols) != (0, width):
-        pixels = _pass(pixels, 1, width, interpolation, (left, left + cols)) if pixels.shape[1] != width \
-            else pixels[:, left:left + cols]
-    if pixels.shape[0] != height or (top, rows) != (0, height):
-        pixels = _pass(pixels, 0, height, interpolation, (top, top + rows)) if pixels.shape[0] != height \
-            else pixels[top:top + rows]
+    if pixels.shape[1] != width:
+        pixels = _pass(pixels, 1, width, interpolation)
+    if pixels.shape[0] != height:
+        pixels = _pass(pixels, 0, height, interpolation)
     return pixels
 
 
@@ -162,12 +157,19 @@ def crop_uint8(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     """One image (any mode: to_rgb first) -> its resized and cropped uint8 pixels (crop, crop, 3)."""
     if image.mode != "RGB":
         image = to_rgb(image)
-    pixels = np.asarray(image, dtype=np.uint8)
-    height, width = resized_size(pixels.shape[0], pixels.shape[1], spec)
+    w, h = image.size
+    height, width = resized_size(h, w, spec)
     if spec.crop > height or spec.crop > width:  # the crop pads: resize it all, then pad (center_crop)
-        return center_crop(resize_uint8(pixels, height, width, spec.interpolation), spec.crop)
+        return center_crop(resize_uint8(np.asarray(image, dtype=np.uint8), height, width, spec.interpolation), spec.crop)
     top, left = int(round((height - spec.crop) / 2.0)), int(round((width - spec.crop) / 2.0))  # center_crop's anchors
-    return resize_uint8(pixels, height, width, spec.interpolation, (top, left, spec.crop, spec.crop))
+    # Only the crop's columns and rows are computed, width first as torch does; the image is transposed by Pillow
+    # (fast) so that the width pass runs along the first axis, where its gathers are contiguous rows.
+    cols = np.asarray(image.transpose(Image.Transpose.TRANSPOSE), dtype=np.uint8)  # (W, H, 3)
+    cols = _pass(cols, 0, width, spec.interpolation, (left, left + spec.crop)) if w != width \
+        else cols[left:left + spec.crop]
+    rows = _pass(cols, 1, height, spec.interpolation, (top, top + spec.crop)) if h != height \
+        else cols[:, top:top + spec.crop]
+    return np.ascontiguousarray(rows.transpose(1, 0, 2))  # (crop, crop, 3)
 
 
 def normalise(crops: np.ndarray, spec: Preprocessing) -> np.ndarray:
