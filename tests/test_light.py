@@ -33,7 +33,8 @@ def light_env(tmp_path_factory) -> dict[str, str]:
 
 
 def test_torch_really_cannot_be_imported_there(light_env):
-    res = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=light_env)
+    res = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=light_env,
+                         timeout=60)
     assert res.returncode != 0 and ("ModuleNotFoundError" in res.stderr or "ImportError" in res.stderr)
 
 
