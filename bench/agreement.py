@@ -37,6 +37,33 @@ from captioner.pipeline.captioner import Captioner
 BACKENDS = ("compiled", "onnx", "onnx-int8", "fp32")
 
 
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every agreement script shares: the split, the model, the beam, a limit and --json."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--data", action="append", required=True, metavar="[KIND:]PATH")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--beam", type=int, default=3)
+    p.add_argument("--limit", type=int, default=0, help="only the first N images of the split (a quick check)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p
+
+
+def split_images(args: argparse.Namespace) -> tuple[list, list, list]:
+    """The split's items (the first --limit), their decoded images and their reference captions."""
+    items = split_items(args.data, args.split)
+    items = items[:args.limit] if args.limit else items
+    return items, [load_image(it.image) for it in items], [it.captions for it in items]
+
+
+def emit(out: dict, path: Path | None) -> None:
+    """The report on stdout, and in --json's file when given."""
+    json.dump(out, sys.stdout, indent=1)
+    print()
+    if path:
+        path.write_text(json.dumps(out, indent=1) + "\n")
+
+
 def load(model: Path | None, backend: str) -> Captioner:
     """The captioner whose encoder is `backend` (eager: the default prepared torch network)."""
     if backend == "eager":
@@ -63,24 +90,15 @@ def calibrate(model: Path | None, data: list[str], count: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", action="append", required=True, metavar="[KIND:]PATH")
-    p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
-    p.add_argument("--beam", type=int, default=3)
+    p = parser(__doc__)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["compiled"],
                    help="compared against eager (default: compiled)")
     p.add_argument("--calibrate", type=int, default=0, metavar="N",
                    help="first calibrate the int8 model on N training images (for onnx-int8)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images of the split (a quick check)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(1)  # as each caption worker runs
     calibration = calibrate(args.model, args.data, args.calibrate) if args.calibrate else None
-    items = split_items(args.data, args.split)
-    items = items[:args.limit] if args.limit else items
-    images = [load_image(it.image) for it in items]
-    refs = [it.captions for it in items]
+    items, images, refs = split_images(args)
     feats, texts, scores = {}, {}, {}
     for backend in ["eager", *args.backends]:
         cap = load(args.model, backend)
@@ -108,10 +126,7 @@ def main() -> None:
         out.update({k: out["compiled"][k] for k in ("feature_max_abs_diff", "feature_min_cosine",
                                                     "identical_captions")})
         out["compiled"] = scores["compiled"]
-    json.dump(out, sys.stdout, indent=1)
-    print()
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -12,41 +12,28 @@ and the first captions that differ. The issue asks >= 99% identical and BLEU-4 w
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from agreement import emit, parser, split_images  # bench/agreement.py: the shared options and report
 from captioner.cpu import describe
 from captioner.lite.captioner import LiteCaptioner
-from captioner.media.images import load_image
 from captioner.pipeline.captioner import Captioner
 from captioner.training.bundle import export_bundle
-from captioner.training.evaluate import split_items
 from captioner.training.metrics import score_captions
 
 CHUNK = 32
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", action="append", required=True, metavar="[KIND:]PATH")
-    p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
-    p.add_argument("--beam", type=int, default=3)
+    p = parser(__doc__)
     p.add_argument("--bundles", type=Path, default=None, help="export the bundles here (default: a temporary folder)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images of the split (a quick check)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(1)  # as each caption worker runs
-    items = split_items(args.data, args.split)
-    items = items[:args.limit] if args.limit else items
-    images = [load_image(it.image) for it in items]
-    refs = [it.captions for it in items]
+    items, images, refs = split_images(args)
     with tempfile.TemporaryDirectory(prefix="bundles-") as tmp:
         root = args.bundles or Path(tmp)
         sizes = {}
@@ -82,10 +69,7 @@ def main() -> None:
                      "differences": [{"image": Path(it.image).name, "onnx": a, name: b}
                                      for it, a, b in zip(items, texts["onnx"], texts[name]) if a != b][:10],
                      "scores": scores[name]}
-    json.dump(out, sys.stdout, indent=1)
-    print()
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":
