@@ -57,6 +57,29 @@ def test_a_rewrite_of_the_same_size_is_noticed_by_its_mtime(tmp_path, pixels):
     assert len(list(cache.glob("*.npy"))) == 2 and np.array_equal(first, second)
 
 
+def test_a_cache_file_removed_mid_write_is_one_clear_error(tmp_path, pixels, monkeypatch):
+    """The cache folder cleaned while a run writes into it: a CaptionerError naming the file (one line from the
+    CLI), not os.replace's FileNotFoundError traceback; nothing half-written is left as the cache."""
+    from captioner.errors import CaptionerError
+
+    paths = _images(tmp_path / "img", n=2)
+    cache = tmp_path / "cache"
+    encode = pixels.encode_cached
+    calls = []
+
+    def encode_then_clean(images):
+        calls.append(1)
+        if len(calls) == 2:  # the temporary file exists after the first batch
+            for f in cache.glob("*.tmp*.npy"):
+                f.unlink()
+        return encode(images)
+
+    monkeypatch.setattr(pixels, "encode_cached", encode_then_clean)
+    with pytest.raises(CaptionerError, match="disappeared while it was being written"):
+        cache_features(paths, pixels, image_transform("pixels"), cache, batch_size=1, num_workers=0)
+    assert len(calls) == 2 and not list(cache.glob("*.npy"))
+
+
 def test_cached_features_are_fp32_whatever_the_cpu(monkeypatch):
     """Training and `captioner evaluate` cache features from a BatchNorm-folded fp32 network: the same on a CPU
     with AMX / AVX512-BF16 as on one without (no bf16 autocast sneaks in); the bf16 inference path is cached apart."""

@@ -230,7 +230,7 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
             row += len(part)
         out.flush()
         del out, parts
-        os.replace(tmp, target)
+        _publish(tmp, target)
         for s in shards:
             s.unlink(missing_ok=True)
     dist.barrier()
@@ -263,7 +263,17 @@ def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, ta
     assert out is not None, "no images to encode"
     out.flush()
     del out
-    os.replace(tmp, target)
+    _publish(tmp, target)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a finished cache file into place; one clear error if it vanished meanwhile (the cache folder
+    cleaned or moved while this run wrote into it), not an OSError traceback."""
+    try:
+        os.replace(tmp, target)
+    except FileNotFoundError:
+        raise CaptionerError(f"feature cache file {tmp} disappeared while it was being written (was the cache folder "
+                             f"{target.parent} cleaned or moved during the run?); run the command again") from None
 
 
 class FileRows:
