@@ -20,7 +20,7 @@ EXIT_CODES = ((EXIT_OK, "all good: every input was processed"),
               (EXIT_FAILED, "nothing could be done (bad model, no usable input, cannot write the output)"),
               (EXIT_USAGE, "usage error (unknown option, a value out of range); nothing was run"),
               (EXIT_PARTIAL, "some inputs failed (each named on stderr), the others were processed"),
-              (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"))
+              (EXIT_INTERRUPTED, "interrupted (Ctrl-C or SIGTERM)"))
 EXIT_EPILOG = "exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES) + "."
 
 

@@ -3,6 +3,7 @@ under torchrun with two CPU processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -158,6 +159,55 @@ def test_resume_after_sigkill_mid_epoch(tmp_path, shapes):
     assert load_checkpoint(out / "last.pt")["train_state"]["epoch"] == 4
     Captioner.load(out / "best.pt")
     assert not list(out.glob("*.tmp"))  # atomic writes leave no temporaries behind
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (the test starts the command in a session of its own)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: the session id
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find the workers")
+def test_sigterm_stops_the_command_and_its_workers(tmp_path, shapes):
+    """`kill` / `timeout` send SIGTERM to the command alone: it stops as Ctrl-C does (exit 130, last.pt kept) and
+    leaves no fork server or streaming DataLoader worker (--ram-gb 0) behind; they used to outlive it, orphaned."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "stderr.txt").open("w")  # a file: a full pipe would block the command
+    proc = subprocess.Popen([sys.executable, *_train_cmd(shapes, out, cache, 50, ["--batch-size=8", "--ram-gb=0"])],
+                            stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "last.pt").exists() and time.time() < deadline:  # workers running, epoch 1 written
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, "training finished before it could be stopped"
+        assert len(_session_pids(proc.pid)) >= 3  # the command, the fork server, a DataLoader worker
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        left = _session_pids(proc.pid)
+        deadline = time.time() + 20  # the workers' own exit, after the command's
+        while left and time.time() < deadline:
+            time.sleep(0.2)
+            left = _session_pids(proc.pid)
+    finally:
+        for pid in _session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130, err[-2000:]
+    assert "captioner: interrupted" in err and "Traceback" not in err
+    assert not left, f"processes left behind: {left}"
+    assert load_checkpoint(out / "last.pt")["train_state"]["epoch"] >= 1
 
 
 def test_torchrun_two_cpu_processes(tmp_path, shapes):

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -288,6 +292,25 @@ def _setup_logging(args: argparse.Namespace) -> None:
         log.setLevel(logging.DEBUG)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (`kill`, `timeout`, a job scheduler) unwinds the command as Ctrl-C does, so that its worker
+    processes are stopped and finished work is kept; the default action would leave the workers orphaned."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While the command runs, SIGTERM raises KeyboardInterrupt (main thread only: signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, then run the command: returns its exit code (cliargs.EXIT_CODES); nothing heavy is
     imported before the arguments are known to be valid."""
@@ -310,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..pipeline.load import require_torch
 
             require_torch(f"`captioner {args.command}`")
-        with progress_disabled(args.no_progress):
+        with progress_disabled(args.no_progress), _sigterm_interrupts():
             return int(args.func(args) or 0)
     except CaptionerError as exc:
         print(f"captioner: error: {exc}", file=sys.stderr)
