@@ -146,3 +146,26 @@ def test_streamed_rows_equal_the_memory_map_and_refuse_a_truncated_cache(tmp_pat
         f.truncate(os.path.getsize(path) - 5)
     with pytest.raises(CaptionerError, match="truncated feature cache"):
         FileRows(mapped)[6]
+
+
+def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, pixels, monkeypatch):
+    """Ctrl-C or SIGTERM (which the CLI turns into KeyboardInterrupt) mid-cache: the half-written temporary file,
+    as large as the whole cache, is removed; the next run starts the cache afresh and completes it."""
+    paths = _images(tmp_path / "img", n=3)
+    cache = tmp_path / "cache"
+    encode = pixels.encode_cached
+    calls = []
+
+    def encode_then_interrupt(images):
+        calls.append(1)
+        if len(calls) == 2:  # the temporary file exists after the first batch
+            assert list(cache.glob("*.tmp*.npy"))
+            raise KeyboardInterrupt
+        return encode(images)
+
+    monkeypatch.setattr(pixels, "encode_cached", encode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cache_features(paths, pixels, image_transform("pixels"), cache, batch_size=1, num_workers=0)
+    assert len(calls) == 2 and not list(cache.glob("*.npy"))
+    monkeypatch.setattr(pixels, "encode_cached", encode)
+    assert np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0)).shape[0] == 3

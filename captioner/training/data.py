@@ -253,13 +253,19 @@ def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, ta
     out = None
     row = 0
     encoder.to(device)
-    with loader_errors("image-loading worker", WORKER_TIMEOUT):
-        for images in tqdm(batches, total=len(loader), desc=f"encoding view {view}", unit="batch", leave=False):
-            feats = encoder.encode_cached(images.to(device))
-            if out is None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *feats.shape[1:]))
-            out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
-            row += len(feats)
+    try:
+        with loader_errors("image-loading worker", WORKER_TIMEOUT):
+            for images in tqdm(batches, total=len(loader), desc=f"encoding view {view}", unit="batch", leave=False):
+                feats = encoder.encode_cached(images.to(device))
+                if out is None:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                    shape=(len(paths), *feats.shape[1:]))
+                out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
+                row += len(feats)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: a half-written file (GBs) is no use to a later run
+        del out
+        tmp.unlink(missing_ok=True)
+        raise
     assert out is not None, "no images to encode"
     out.flush()
     del out
