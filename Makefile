@@ -55,13 +55,15 @@ GENERAL_DATA = --data flickr8k:$(DATA)/flickr8k --data coco:$(DATA)/coco
 # training runs at one thread: the figures in MODEL_CARD.md are bit-reproducible at that count (matmul results
 # depend on the thread count), and two such runs can share a 2-core machine. The feature caches are filled first
 # at the default thread count (fp32, the same on every CPU).
-GENERAL_FLAGS = $(GENERAL_DATA) --views 4 --min-count 5 --lr 5e-4 --batch-size 100 --alpha-c 0.1 \
-	--penalty mean --label-smoothing 0.1 --lr-patience 1 --patience 4 --epochs 14 --attributes true --ema 0.995 --seed 0 \
-	--ema-warmup true --dropout 0.3 --threads 1 --ram-gb 0 --hidden-dim 384 --embed-dim 384 --feat-proj 384 --attn-dim 256
+# what both stages share: the data, 4 cached views streamed from disk, batches of 100, one thread
+RUN_FLAGS = $(GENERAL_DATA) --views 4 --batch-size 100 --threads 1 --ram-gb 0
+GENERAL_FLAGS = $(RUN_FLAGS) --min-count 5 --lr 5e-4 --alpha-c 0.1 --penalty mean --label-smoothing 0.1 \
+	--lr-patience 1 --patience 4 --epochs 14 --attributes true --ema 0.995 --seed 0 --ema-warmup true --dropout 0.3 \
+	--hidden-dim 384 --embed-dim 384 --feat-proj 384 --attn-dim 256
 # self-critical training from the teacher-forced model (issue 24): CIDEr-D reward with <end>, samples without dropout,
 # the mean of the other samples as baseline, best epoch by dev CIDEr-D
-SCST_FLAGS = $(GENERAL_DATA) --views 4 --batch-size 100 --init runs/general/best.pt --scst true --scst-dropout false \
-	--scst-end true --select cider --lr 5e-5 --epochs 8 --lr-patience 2 --patience 3 --seed 0 --threads 1 --ram-gb 0
+SCST_FLAGS = $(RUN_FLAGS) --init runs/general/best.pt --scst true --scst-dropout false --scst-end true --select cider \
+	--lr 5e-5 --epochs 8 --lr-patience 2 --patience 3 --seed 0
 TEST = --split test --beam 3 --no-repeat-words on --meteor
 
 .PHONY: model ucm
