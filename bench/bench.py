@@ -410,10 +410,13 @@ def build_compiled(args) -> dict:
 
 def child(args) -> None:
     if STAGES[args.stage][0] is stage_caption:  # as `captioner caption` does: the workers' fork server starts
-        from captioner.runtime.workers import LIGHT_PRELOAD, start  # before torch is imported (imports overlap)
+        from captioner.pipeline.load import is_light  # before torch is imported (imports overlap)
+        from captioner.runtime.workers import LIGHT_PRELOAD, start
 
         flags = STAGES[args.stage][1][1:]
-        start(LIGHT_PRELOAD if not flags or flags[0] in ("default", "onnx") else None)
+        backend = flags[0] if flags else "default"  # the CLI's choice (cli/caption.py): a --model checkpoint's
+        light = is_light(None, {"default": None, "onnx-int8": "onnx"}.get(backend, backend), backend == "onnx-int8")
+        start(LIGHT_PRELOAD if light else None)  # workers need torch (their imports would be timed)
     import torch
 
     torch.set_num_threads(args.threads)
