@@ -57,6 +57,21 @@ def test_a_rewrite_of_the_same_size_is_noticed_by_its_mtime(tmp_path, pixels):
     assert len(list(cache.glob("*.npy"))) == 2 and np.array_equal(first, second)
 
 
+def _at_second_batch(encoder, monkeypatch, action) -> list:
+    """Run action() when `encoder` is asked for its second batch (the temporary cache file exists after the first);
+    returns the list of calls made."""
+    encode, calls = encoder.encode_cached, []
+
+    def wrapped(images):
+        calls.append(1)
+        if len(calls) == 2:
+            action()
+        return encode(images)
+
+    monkeypatch.setattr(encoder, "encode_cached", wrapped)
+    return calls
+
+
 def test_a_cache_file_removed_mid_write_is_one_clear_error(tmp_path, pixels, monkeypatch):
     """The cache folder cleaned while a run writes into it: a CaptionerError naming the file (one line from the
     CLI), not os.replace's FileNotFoundError traceback; nothing half-written is left as the cache."""
@@ -64,17 +79,12 @@ def test_a_cache_file_removed_mid_write_is_one_clear_error(tmp_path, pixels, mon
 
     paths = _images(tmp_path / "img", n=2)
     cache = tmp_path / "cache"
-    encode = pixels.encode_cached
-    calls = []
 
-    def encode_then_clean(images):
-        calls.append(1)
-        if len(calls) == 2:  # the temporary file exists after the first batch
-            for f in cache.glob("*.tmp*.npy"):
-                f.unlink()
-        return encode(images)
+    def clean():
+        for f in cache.glob("*.tmp*.npy"):
+            f.unlink()
 
-    monkeypatch.setattr(pixels, "encode_cached", encode_then_clean)
+    calls = _at_second_batch(pixels, monkeypatch, clean)
     with pytest.raises(CaptionerError, match="disappeared while it was being written"):
         cache_features(paths, pixels, image_transform("pixels"), cache, batch_size=1, num_workers=0)
     assert len(calls) == 2 and not list(cache.glob("*.npy"))
@@ -154,16 +164,12 @@ def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, pixels, m
     paths = _images(tmp_path / "img", n=3)
     cache = tmp_path / "cache"
     encode = pixels.encode_cached
-    calls = []
 
-    def encode_then_interrupt(images):
-        calls.append(1)
-        if len(calls) == 2:  # the temporary file exists after the first batch
-            assert list(cache.glob("*.tmp*.npy"))
-            raise KeyboardInterrupt
-        return encode(images)
+    def interrupt():
+        assert list(cache.glob("*.tmp*.npy"))
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(pixels, "encode_cached", encode_then_interrupt)
+    calls = _at_second_batch(pixels, monkeypatch, interrupt)
     with pytest.raises(KeyboardInterrupt):
         cache_features(paths, pixels, image_transform("pixels"), cache, batch_size=1, num_workers=0)
     assert len(calls) == 2 and not list(cache.glob("*.npy"))
