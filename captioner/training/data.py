@@ -7,6 +7,7 @@ Flow: files -> `Item`s (image path, captions, split) -> encoder features cached 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -14,6 +15,7 @@ import logging
 import os
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -222,15 +224,14 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
     dist.barrier()
     if rank == 0 and not target.is_file():
         parts = [np.load(s, mmap_mode="r") for s, lo, hi in zip(shards, bounds, bounds[1:]) if lo < hi]
-        tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *parts[0].shape[1:]))
-        row = 0
-        for part in parts:
-            out[row:row + len(part)] = part
-            row += len(part)
-        out.flush()
-        del out, parts
-        _publish(tmp, target)
+        with _written(target) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *parts[0].shape[1:]))
+            row = 0
+            for part in parts:
+                out[row:row + len(part)] = part
+                row += len(part)
+            out.flush()
+            del out, parts
         for s in shards:
             s.unlink(missing_ok=True)
     dist.barrier()
@@ -249,26 +250,31 @@ def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, ta
                             multiprocessing_context=worker_context() if num_workers else None,
                             timeout=WORKER_TIMEOUT if num_workers else 0)
         batches = iter(loader)  # torch checks the worker count again here
-    tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
     out = None
     row = 0
     encoder.to(device)
-    try:
-        with loader_errors("image-loading worker", WORKER_TIMEOUT):
-            for images in tqdm(batches, total=len(loader), desc=f"encoding view {view}", unit="batch", leave=False):
-                feats = encoder.encode_cached(images.to(device))
-                if out is None:
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                                    shape=(len(paths), *feats.shape[1:]))
-                out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
-                row += len(feats)
-    except BaseException:  # an error, Ctrl-C or SIGTERM: a half-written file (GBs) is no use to a later run
+    with _written(target) as tmp, loader_errors("image-loading worker", WORKER_TIMEOUT):
+        for images in tqdm(batches, total=len(loader), desc=f"encoding view {view}", unit="batch", leave=False):
+            feats = encoder.encode_cached(images.to(device))
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(paths), *feats.shape[1:]))
+            out[row:row + len(feats)] = feats.cpu().numpy().astype(np.float16)
+            row += len(feats)
+        assert out is not None, "no images to encode"
+        out.flush()
         del out
+
+
+@contextlib.contextmanager
+def _written(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target` for the block to write: renamed into place when the block completes, removed
+    when it fails (an error, Ctrl-C or SIGTERM: a half-written cache file, as large as the cache, is no use)."""
+    tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
+    try:
+        yield tmp
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    assert out is not None, "no images to encode"
-    out.flush()
-    del out
     _publish(tmp, target)
 
 
