@@ -247,6 +247,53 @@ def test_finetune_last_stage_on_cached_trunk_activations(tmp_path):
     small = load_checkpoint(export(best, tmp_path / "small.pt"))
     assert set(small["encoder"]) == set(tuned) and "train_state" not in small
     Captioner.load(tmp_path / "small.pt")
+    # the ONNX bundle (what `make model` ships) carries the tuned stage: its features are the checkpoint's
+    import numpy as np
+    from captioner.lite.captioner import LiteCaptioner
+    from captioner.training.bundle import export_bundle
+
+    export_bundle(tmp_path / "small.pt", tmp_path / "bundle")
+    image = __import__("PIL.Image").Image.new("RGB", (90, 64), "orange")
+    cap = Captioner.load(tmp_path / "small.pt", prepare=False)  # fp32, BatchNorm unfolded
+    want = cap.encoder.encode(cap.preprocess([image]), bf16=False)[0].numpy()
+    lite = LiteCaptioner.load(tmp_path / "bundle", threads=1)
+    np.testing.assert_allclose(lite.encode(lite.preprocess([image])), want, atol=1e-3)
+    package = Encoder(EncoderConfig("efficientnet_lite0")).encode(cap.preprocess([image]), bf16=False)[0].numpy()
+    assert not np.allclose(package, want, atol=1e-3)  # the package's own last stage gives other features
+
+
+def test_self_critical_training_goes_on_fine_tuning_from_a_fine_tuned_checkpoint(tmp_path):
+    """`captioner train --init FINE_TUNED --scst true` (the command, fresh HOME): the checkpoint's fine-tuned stages
+    come back and go on training on the same cached trunk activations (no new cache files); best.pt and last.pt
+    carry them, --resume restores them, and a different --finetune count is one clear error."""
+    data = make_dataset(tmp_path / "ft", n_train=16, n_val=8, n_test=0)
+    cache = tmp_path / "cache"
+    cfg = {**SMALL, "encoder": "efficientnet_lite0", "pretrained": True, "finetune": 1, "feat_proj": 32,
+           "epochs": 1, "batch_size": 8}
+    xe = train(TrainConfig(data=[str(data)], out=str(tmp_path / "xe"), cache_dir=str(cache), **cfg))
+    start, cached = load_checkpoint(xe)["encoder"], sorted(cache.rglob("*"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path / "home")}
+    base = ["-m", "captioner", "train", "--data", str(data), "--init", str(xe), "--scst", "true", "--cache-dir",
+            str(cache), "--out", str(tmp_path / "scst"), "--batch-size", "8", "--lr", "1e-3", "--patience", "50",
+            "--num-workers", "0", "--beam", "1"]
+    run = lambda *extra: subprocess.run([sys.executable, *base, *extra], capture_output=True, text=True,  # noqa: E731
+                                        env=env, timeout=300)
+    res = run("--epochs", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(cache.rglob("*")) == cached  # the teacher-forced run's trunk cache, reused as it is
+    last = load_checkpoint(tmp_path / "scst" / "last.pt")
+    assert set(last["encoder"]) == set(start) and last["config"]["encoder"]["finetune"] == 1
+    assert any(not torch.equal(last["encoder"][k], v) for k, v in start.items() if v.is_floating_point())
+    assert set(load_checkpoint(tmp_path / "scst" / "best.pt")["encoder"]) == set(start)
+    res = run("--epochs", "2", "--resume")
+    assert res.returncode == 0 and "resuming from" in res.stderr, res.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert any(not torch.equal(load_checkpoint(tmp_path / "scst" / "last.pt")["encoder"][k], v)
+               for k, v in last["encoder"].items() if v.is_floating_point())  # epoch 2 went on from epoch 1's
+    res = run("--epochs", "1", "--finetune", "2", "--out", str(tmp_path / "other"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "has 1 fine-tuned encoder stages, not --finetune 2" in res.stderr
 
 
 def test_sampled_captions_and_their_log_probabilities():

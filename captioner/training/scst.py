@@ -11,7 +11,7 @@ better variant of self-critical sequence training"; no greedy decode needed), an
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -77,10 +77,12 @@ def rewards(words: torch.Tensor, images: Sequence[int], k: int, vocab: Vocab, ci
 def scst_epoch(decoder: Decoder, loader: DataLoader, optim: torch.optim.Optimizer, cider: CiderD, vocab: Vocab,
                k: int, max_len: int, grad_clip: float, device: torch.device, desc: str, show: bool,
                generator: torch.Generator, ema: AveragedModel | None = None, bleu_weight: float = 0.0,
-               dropout: bool = False, end: bool = True) -> float:
+               dropout: bool = False, end: bool = True, tuned: Sequence[nn.Parameter] = (),
+               head: Callable | None = None) -> float:
     """One pass over the training images; returns the mean reward of the samples. dropout: sample with dropout on
     (off by default: the samples are then the captions the model writes, not a noisier model's); end: see
-    rewards."""
+    rewards; tuned and head: fine-tuned encoder stages, which turn the cached trunk activations into features
+    and train with the decoder."""
     from tqdm import tqdm
 
     decoder.train(dropout)  # eval mode switches dropout off; the gradients flow all the same
@@ -88,6 +90,7 @@ def scst_epoch(decoder: Decoder, loader: DataLoader, optim: torch.optim.Optimize
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show)
     for feats, images in bar:
         feats = feats.to(device).float()
+        feats = head(feats) if head is not None else feats
         words, logp, mask = sample(decoder, feats, k, max_len, vocab, generator)
         r = rewards(words, images.tolist(), k, vocab, cider, bleu_weight, end)
         baseline = (r.sum(1, keepdim=True) - r) / (k - 1)  # the mean of the other samples of the same image
@@ -95,7 +98,7 @@ def scst_epoch(decoder: Decoder, loader: DataLoader, optim: torch.optim.Optimize
         loss = -(advantage * logp * mask).sum() / mask.sum()
         optim.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip)
+        nn.utils.clip_grad_norm_([*decoder.parameters(), *tuned], grad_clip)
         optim.step()
         if ema is not None:
             ema.update_parameters(decoder)

@@ -230,15 +230,21 @@ def image_loader(images: ImageViews, cfg: TrainConfig, epoch: int) -> DataLoader
 
 
 def _from_init(cfg: TrainConfig, init: dict[str, Any]) -> TrainConfig:
-    """cfg with the encoder settings of the --init checkpoint (its decoder and vocabulary are used as they are)."""
-    if "encoder" in init:
-        raise CaptionerError(f"--init {cfg.init}: starting from a fine-tuned encoder is not supported")
+    """cfg with the encoder settings of the --init checkpoint (its decoder and vocabulary are used as they are).
+    From a fine-tuned checkpoint the same stages go on training, on the same cached trunk activations; from a
+    frozen one, --finetune starts fine-tuning from the package's weights."""
     try:
         enc = init["config"]["encoder"]
-        return replace(cfg, encoder=enc["name"], pretrained=enc["pretrained"], grid=enc["grid"], finetune=0,
-                       resize=enc.get("resize", "crop"))
-    except (KeyError, TypeError):
+        name, pretrained, grid, resize = enc["name"], enc["pretrained"], enc["grid"], enc.get("resize", "crop")
+        tuned = int(enc.get("finetune", 0)) if "encoder" in init else 0
+    except (KeyError, TypeError, ValueError):
         raise CaptionerError(f"--init {cfg.init}: not a valid captioner checkpoint (no encoder config)") from None
+    if "encoder" in init and not tuned:
+        raise CaptionerError(f"--init {cfg.init}: fine-tuned encoder weights but no stage count in its config")
+    if tuned and cfg.finetune not in (0, tuned):
+        raise CaptionerError(f"--init {cfg.init} has {tuned} fine-tuned encoder stages, not --finetune {cfg.finetune} "
+                             "(leave --finetune out to go on with the checkpoint's)")
+    return replace(cfg, encoder=name, pretrained=pretrained, grid=grid, finetune=tuned or cfg.finetune, resize=resize)
 
 
 def _new_decoder(cfg: TrainConfig, vocab_size: int, encoder: Encoder, init: dict[str, Any] | None) -> Decoder:
@@ -305,8 +311,8 @@ def train_epoch(model: nn.Module, decoder: Decoder, loader: DataLoader, optim: t
 
 def _check(cfg: TrainConfig, distributed: bool) -> None:
     """Settings that do not go together: one CaptionerError before anything is read."""
-    if cfg.scst and (distributed or cfg.finetune or cfg.text_ratio):
-        raise CaptionerError("--scst does not go with torchrun, --finetune or --text-ratio yet")
+    if cfg.scst and (distributed or cfg.text_ratio):
+        raise CaptionerError("--scst does not go with torchrun or --text-ratio yet")
     if cfg.penalty not in PENALTIES:
         raise CaptionerError(f"--penalty must be one of {', '.join(PENALTIES)}, not {cfg.penalty!r}")
     if cfg.scst and cfg.scst_samples < 2:
@@ -365,6 +371,14 @@ def _finished(cfg: TrainConfig, state: dict[str, Any] | None) -> bool:
     return done is not None and (done["epoch"] >= cfg.epochs or done["bad_epochs"] >= cfg.patience)
 
 
+def _load_tuned(encoder: Encoder, weights: dict[str, torch.Tensor], source: str) -> None:
+    """A checkpoint's fine-tuned encoder weights into the encoder (the rest come from the package), fp32."""
+    net = encoder.net.state_dict()
+    if set(weights) - set(net):
+        raise CaptionerError(f"{source}: its encoder weights do not fit {encoder.config.name}")
+    encoder.net.load_state_dict({k: v.to(net[k].dtype) for k, v in weights.items()}, strict=False)
+
+
 def _set_up(cfg: TrainConfig, vocab: Vocab, items: list[Item], texts: list[str], init: dict[str, Any] | None,
             state: dict[str, Any] | None, device: torch.device, distributed: bool) -> Run:
     """Features cached and opened, the decoder, optimiser, scheduler and EMA built (or restored from `state`)."""
@@ -372,6 +386,8 @@ def _set_up(cfg: TrainConfig, vocab: Vocab, items: list[Item], texts: list[str],
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     encoder = caching_encoder(cfg)
+    if init is not None and "encoder" in init:  # the fine-tuned stages start where the --init run left them
+        _load_tuned(encoder, init["encoder"], cfg.init)
     train_views = split_features(items, "train", encoder, cfg, cfg.views)  # under torchrun: a shard per rank
     val_feats = split_features(items, "val", encoder, cfg)[0]
     val_items = [it for it in items if it.split == "val"]
@@ -390,7 +406,7 @@ def _set_up(cfg: TrainConfig, vocab: Vocab, items: list[Item], texts: list[str],
     if state is not None:
         decoder.load_state_dict(state["train_state"].get("raw", state["decoder"]))  # raw weights when EMA is on
         if "encoder" in state:
-            encoder.net.load_state_dict(state["encoder"], strict=False)
+            _load_tuned(encoder, state["encoder"], cfg.out)
         optim.load_state_dict(state["train_state"]["optimizer"])
         sched.load_state_dict(state["train_state"]["scheduler"])
         ts = {k: state["train_state"][k] for k in ts}
@@ -432,7 +448,8 @@ def _train_one_epoch(run: Run, epoch: int) -> float | None:
         run.sampling.manual_seed(cfg.seed * 1000 + epoch)
         return scst_epoch(run.decoder, loader, run.optim, run.cider, run.vocab, cfg.scst_samples, cfg.max_len,
                           cfg.grad_clip, run.device, f"epoch {epoch} (scst)", run.rank == 0, run.sampling, run.ema,
-                          bleu_weight=cfg.scst_bleu, dropout=cfg.scst_dropout, end=cfg.scst_end)
+                          bleu_weight=cfg.scst_bleu, dropout=cfg.scst_dropout, end=cfg.scst_end, tuned=run.tuned,
+                          head=run.head)
     loader = epoch_loader(run.dataset, run.text_pairs, run.n_text, cfg, epoch, run.vocab.pad, run.rank, run.world)
     return train_epoch(run.model, run.decoder, loader, run.optim, run.criterion, cfg, run.vocab.pad, run.device,
                        f"epoch {epoch}", run.rank == 0, run.tuned, run.head, run.ema)
