@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from synth import make_dataset
@@ -248,7 +249,6 @@ def test_finetune_last_stage_on_cached_trunk_activations(tmp_path):
     assert set(small["encoder"]) == set(tuned) and "train_state" not in small
     Captioner.load(tmp_path / "small.pt")
     # the ONNX bundle (what `make model` ships) carries the tuned stage: its features are the checkpoint's
-    import numpy as np
     from captioner.lite.captioner import LiteCaptioner
     from captioner.training.bundle import export_bundle
 
@@ -291,6 +291,19 @@ def test_self_critical_training_goes_on_fine_tuning_from_a_fine_tuned_checkpoint
     assert [r["epoch"] for r in log] == [0, 1, 2]
     assert any(not torch.equal(load_checkpoint(tmp_path / "scst" / "last.pt")["encoder"][k], v)
                for k, v in last["encoder"].items() if v.is_floating_point())  # epoch 2 went on from epoch 1's
+    # `captioner evaluate` of either model from the one cache folder: each gets its own tuned stage's features
+    from captioner.training.evaluate import _features, split_items
+
+    items = split_items([str(data)], "val")[:3]
+    images = [__import__("PIL.Image").Image.open(it.image).convert("RGB") for it in items]
+    direct = []
+    for ckpt in (xe, tmp_path / "scst" / "last.pt"):
+        cap = Captioner.load(ckpt, prepare=False)
+        cap.encoder.prepare_inference(cap.device, bf16=False)  # as the command does
+        direct.append(cap.encode(cap.preprocess(images)).numpy())
+        got = _features(cap, items, cache, 0)  # the second model reads the trunk cache the first one wrote
+        np.testing.assert_allclose(got, direct[-1], atol=0.02)  # the cache holds fp16 trunk activations
+    assert np.abs(direct[0] - direct[1]).max() > 0.5  # so a cache of either one's features would fail above
     res = run("--epochs", "1", "--finetune", "2", "--out", str(tmp_path / "other"))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "has 1 fine-tuned encoder stages, not --finetune 2" in res.stderr

@@ -256,17 +256,27 @@ class Encoder(nn.Module):
         return feats.float(), logits.float()
 
     def encode_cached(self, images: torch.Tensor) -> torch.Tensor:
-        """What the feature cache stores: annotation vectors, or trunk activations when fine-tuning. In fp32 on
-        every CPU (no bf16 autocast, whatever the ISA), so training, `captioner evaluate` and `make model` give the
-        same numbers on an AMX Xeon and an AVX2 EPYC; a prepared (bf16) network is the inference path and is
-        cached apart (cache_identity)."""
+        """What the feature cache stores: annotation vectors, or trunk activations when fine-tuning (never a tuned
+        stage's output: its weights are not in the cache key; from_cached applies it). In fp32 on every CPU (no
+        bf16 autocast, whatever the ISA), so training, `captioner evaluate` and `make model` give the same numbers
+        on an AMX Xeon and an AVX2 EPYC; a prepared (bf16) network is the inference path and is cached apart
+        (cache_identity)."""
+        if self.config.finetune:
+            with torch.no_grad():
+                return self.trunk(images.to(self.weights_dtype).contiguous(memory_format=torch.channels_last)).float()
         if self.weights_dtype == torch.bfloat16:
             return self.encode(images)[0]
         images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            if not self.config.finetune:
-                return self._forward(images)[0].float()
-            return self.trunk(images).float()
+            return self._forward(images)[0].float()
+
+    def from_cached(self, cached: torch.Tensor) -> torch.Tensor:
+        """Cache entries (encode_cached) -> annotation vectors (B, L, D), float32: through the tuned stages when
+        fine-tuned, as they are otherwise."""
+        if not self.config.finetune:
+            return cached
+        with torch.no_grad():
+            return self.head(cached.to(self.weights_dtype)).float()
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -35,9 +35,16 @@ def split_items(specs: Sequence[str], split: str) -> list[Item]:
     return items
 
 
-def _features(cap: Captioner, items: list[Item], cache_dir: Path, workers: int) -> np.ndarray:
-    return cache_features([it.image for it in items], cap.encoder, image_transform(cap.encoder.config.name, cap.encoder.config.resize),
-                          cache_dir, num_workers=workers, device=str(cap.device))
+def _features(cap: Captioner, items: list[Item], cache_dir: Path, workers: int, batch_size: int = 100) -> np.ndarray:
+    """The items' annotation vectors, from the feature cache (encoded first where missing); a fine-tuned model's
+    cache holds trunk activations, which its tuned stages turn into features here."""
+    enc = cap.encoder
+    cached = cache_features([it.image for it in items], enc, image_transform(enc.config.name, enc.config.resize),
+                            cache_dir, num_workers=workers, device=str(cap.device))
+    if not enc.config.finetune:
+        return cached
+    return np.concatenate([enc.from_cached(torch.from_numpy(np.array(cached[i:i + batch_size])).to(cap.device)).cpu().numpy()
+                           for i in range(0, len(cached), batch_size)])
 
 
 def evaluate(cap: Captioner, specs: Sequence[str], split: str = "test", out: Path | None = None,
