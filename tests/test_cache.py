@@ -175,3 +175,26 @@ def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, pixels, m
     assert len(calls) == 2 and not list(cache.glob("*.npy"))
     monkeypatch.setattr(pixels, "encode_cached", encode)
     assert np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0)).shape[0] == 3
+
+
+def test_cache_command_fills_the_trunk_cache_that_fine_tuning_reads(tmp_path):
+    """`captioner cache --finetune 1` (the command, fresh HOME) caches what `train --finetune 1` reads: the run
+    then encodes nothing (no new cache files)."""
+    import subprocess
+    import sys
+
+    from synth import make_dataset
+
+    from captioner.training.train import TrainConfig, train
+
+    data, cache = make_dataset(tmp_path / "d", n_train=8, n_val=4, n_test=0), tmp_path / "cache"
+    res = subprocess.run([sys.executable, "-m", "captioner", "cache", "--data", str(data), "--finetune", "1",
+                          "--views", "2", "--cache-dir", str(cache), "--workers", "0"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path / "home")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "train: 2 view(s) of 8 images" in res.stdout
+    cached = sorted(cache.rglob("*"))
+    train(TrainConfig(data=[str(data)], out=str(tmp_path / "run"), cache_dir=str(cache), encoder="efficientnet_lite0",
+                      finetune=1, views=2, epochs=1, feat_proj=32, embed_dim=32, hidden_dim=32, attn_dim=32,
+                      batch_size=8, min_count=1, num_workers=0, beam=1))
+    assert sorted(cache.rglob("*")) == cached

@@ -129,6 +129,8 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default="efficientnet_lite0", help="encoder name, as for train")
     p.add_argument("--grid", type=int, default=7, choices=(7, 14), help="annotation grid (default: 7)")
     p.add_argument("--resize", default="crop", choices=("crop", "squash"), help="how images become square (default: crop)")
+    p.add_argument("--finetune", type=NON_NEGATIVE, default=0,
+                   help="cache the trunk activations that `train --finetune N` reads instead of the features (default: 0)")
     p.add_argument("--cache-dir", default="cache", help="cache folder (default: cache)")
     p.add_argument("--workers", type=WORKERS, default=2, help=f"image-loading processes, {WORKERS.describe()} (default: 2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
@@ -140,7 +142,7 @@ def _run_cache(args: argparse.Namespace) -> int:
     from ..training.train import TrainConfig, cache_all
 
     cfg = TrainConfig(data=args.data, encoder=args.encoder, grid=args.grid, resize=args.resize, views=args.views,
-                      cache_dir=args.cache_dir, num_workers=args.workers, device=args.device)
+                      finetune=args.finetune, cache_dir=args.cache_dir, num_workers=args.workers, device=args.device)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # under torchrun every rank encodes its shard of each split (data.cache_features)
         import torch.distributed as dist
