@@ -17,7 +17,7 @@ import pytest
 import torch
 from synth import make_dataset
 
-from captioner.model.checkpoint import load_checkpoint
+from captioner.model.checkpoint import load_checkpoint, save_checkpoint
 from captioner.pipeline.captioner import Captioner
 from captioner.training.evaluate import evaluate
 from captioner.training.train import TrainConfig, train
@@ -248,6 +248,11 @@ def test_finetune_last_stage_on_cached_trunk_activations(tmp_path):
     small = load_checkpoint(export(best, tmp_path / "small.pt"))
     assert set(small["encoder"]) == set(tuned) and "train_state" not in small
     Captioner.load(tmp_path / "small.pt")
+    # the model id (what metadata and libraries record) covers the tuned stage: another one is another model
+    name = next(k for k, v in small["encoder"].items() if v.is_floating_point())
+    small["encoder"][name] = small["encoder"][name] + 0.5
+    save_checkpoint(tmp_path / "other.pt", small)
+    assert Captioner.load(tmp_path / "other.pt").model_id != Captioner.load(tmp_path / "small.pt").model_id
     # the ONNX bundle (what `make model` ships) carries the tuned stage: its features are the checkpoint's
     from captioner.lite.captioner import LiteCaptioner
     from captioner.training.bundle import export_bundle

@@ -58,6 +58,7 @@ class Captioner:
         self.backend = "torch"  # the encoder backend that runs (backends.use_backend)
         self.decoder_backend = "torch"  # and the decoder's
         self.vocab, self.search_cfg, self.config = vocab, search_cfg, config or {}
+        self.tuned_encoder: dict[str, torch.Tensor] = {}  # a fine-tuned encoder's stored weights (load sets them)
         self.repeat_mask = torch.tensor(vocab.content_mask(), device=self.device)  # for no_repeat_words
         self.transform = image_transform(encoder.config.name, encoder.config.resize)
 
@@ -95,6 +96,7 @@ class Captioner:
         known = {f.name for f in fields(SearchConfig)}
         scfg = SearchConfig(**{k: v for k, v in ckpt["config"].get("search", {}).items() if k in known})
         cap = cls(encoder, decoder, vocab, scfg, device, ckpt["config"], prepare and backend is None)
+        cap.tuned_encoder = dict(ckpt.get("encoder", {}))  # as stored (prepare_inference folds the live copies)
         if backend is not None:
             from ..runtime.backends import use_backend
 
@@ -104,12 +106,14 @@ class Captioner:
     @property
     def model_id(self) -> str:
         """A name for these weights that any copy of the model file shares: encoder name + the first 12 hex
-        digits of the SHA-256 of the vocabulary and the decoder's weights (what metadata and libraries record)."""
+        digits of the SHA-256 of the vocabulary, the decoder's weights and a fine-tuned encoder's tuned weights (what
+        metadata and libraries record)."""
         if getattr(self, "_model_id", None) is None:
             import hashlib
 
             h = hashlib.sha256("\n".join(self.vocab.itos).encode())
-            for name, t in sorted(self.decoder.state_dict().items()):
+            tuned = {f"encoder.{k}": v for k, v in self.tuned_encoder.items()}
+            for name, t in sorted([*self.decoder.state_dict().items(), *tuned.items()]):
                 h.update(name.encode())
                 h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             self._model_id = f"{self.encoder.config.name}+{h.hexdigest()[:12]}"
