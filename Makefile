@@ -56,24 +56,29 @@ GENERAL_DATA = --data flickr8k:$(DATA)/flickr8k --data coco:$(DATA)/coco
 # depend on the thread count), and two such runs can share a 2-core machine. The feature caches are filled first
 # at the default thread count (fp32, the same on every CPU).
 # what both stages share: the data, 4 cached views streamed from disk, batches of 100, one thread
-RUN_FLAGS = $(GENERAL_DATA) --views 4 --batch-size 100 --threads 1 --ram-gb 0
+# FINETUNE=1 also trains the encoder's last stage (on cached trunk activations; the self-critical stage goes on
+# with it): measured at full scale with THREADS=2 (docs/attention.md), not yet the shipped model
+FINETUNE ?= 0
+THREADS ?= 1
+OUT = runs/general$(if $(filter 0,$(FINETUNE)),,-ft$(FINETUNE))
+RUN_FLAGS = $(GENERAL_DATA) --views 4 --batch-size 100 --threads $(THREADS) --ram-gb 0
 GENERAL_FLAGS = $(RUN_FLAGS) --min-count 5 --lr 5e-4 --alpha-c 0.1 --penalty mean --label-smoothing 0.1 \
 	--lr-patience 1 --patience 4 --epochs 14 --attributes true --ema 0.995 --seed 0 --ema-warmup true --dropout 0.3 \
-	--hidden-dim 384 --embed-dim 384 --feat-proj 384 --attn-dim 256
+	--hidden-dim 384 --embed-dim 384 --feat-proj 384 --attn-dim 256 --finetune $(FINETUNE)
 # self-critical training from the teacher-forced model (issue 24): CIDEr-D reward with <end>, samples without dropout,
 # the mean of the other samples as baseline, best epoch by dev CIDEr-D
-SCST_FLAGS = $(RUN_FLAGS) --init runs/general/best.pt --scst true --scst-dropout false --scst-end true --select cider \
+SCST_FLAGS = $(RUN_FLAGS) --init $(OUT)/best.pt --scst true --scst-dropout false --scst-end true --select cider \
 	--lr 5e-5 --epochs 8 --lr-patience 2 --patience 3 --seed 0
 TEST = --split test --beam 3 --no-repeat-words on --meteor
 
 .PHONY: model ucm
 model: setup  ## rebuild the shipped model: captioner/assets/model.pt and its ONNX bundle assets/model/ (resumable: run it again after an interruption)
-	$(BIN)/captioner cache $(GENERAL_DATA) --views 4
-	$(BIN)/captioner train $(GENERAL_FLAGS) --out runs/general --resume
-	$(BIN)/captioner train $(SCST_FLAGS) --out runs/general-scst --resume
-	$(BIN)/captioner evaluate --model runs/general-scst/best.pt --data flickr8k:$(DATA)/flickr8k $(TEST) --baseline -o runs/general-scst/test-flickr8k.jsonl
-	$(BIN)/captioner evaluate --model runs/general-scst/best.pt --data coco:$(DATA)/coco $(TEST) -o runs/general-scst/test-coco.jsonl
-	$(BIN)/captioner export runs/general-scst/best.pt captioner/assets/model.pt --beam 3 --no-repeat-words on
+	$(BIN)/captioner cache $(GENERAL_DATA) --views 4 --finetune $(FINETUNE)
+	$(BIN)/captioner train $(GENERAL_FLAGS) --out $(OUT) --resume
+	$(BIN)/captioner train $(SCST_FLAGS) --out $(OUT)-scst --resume
+	$(BIN)/captioner evaluate --model $(OUT)-scst/best.pt --data flickr8k:$(DATA)/flickr8k $(TEST) --baseline -o $(OUT)-scst/test-flickr8k.jsonl
+	$(BIN)/captioner evaluate --model $(OUT)-scst/best.pt --data coco:$(DATA)/coco $(TEST) -o $(OUT)-scst/test-coco.jsonl
+	$(BIN)/captioner export $(OUT)-scst/best.pt captioner/assets/model.pt --beam 3 --no-repeat-words on
 	$(BIN)/captioner export-onnx captioner/assets/model.pt captioner/assets/model --overwrite
 
 ucm: setup  ## the UCM-Captions (aerial) model and its test BLEU
