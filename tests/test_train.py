@@ -312,6 +312,14 @@ def test_self_critical_training_goes_on_fine_tuning_from_a_fine_tuned_checkpoint
     res = run("--epochs", "1", "--finetune", "2", "--out", str(tmp_path / "other"))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "has 1 fine-tuned encoder stages, not --finetune 2" in res.stderr
+    # --finetune 1 with a frozen --init: fine-tuning starts there, from the package's weights
+    frozen = train(TrainConfig(data=[str(data)], out=str(tmp_path / "frozen"), cache_dir=str(cache),
+                               **{**cfg, "finetune": 0}))
+    res = run("--epochs", "1", "--init", str(frozen), "--finetune", "1", "--scst", "false", "--out", str(tmp_path / "ft"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    ft = load_checkpoint(tmp_path / "ft" / "last.pt")
+    assert set(ft["encoder"]) == set(start) and ft["config"]["encoder"]["finetune"] == 1
+    assert ft["vocab"] == load_checkpoint(frozen)["vocab"]
 
 
 def test_sampled_captions_and_their_log_probabilities():
