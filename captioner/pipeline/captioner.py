@@ -18,7 +18,6 @@ from ..lite.caption import Caption, caption_of  # noqa: F401 - Caption: the publ
 from ..lite.search import configure
 from ..model.checkpoint import (
     build_decoder,
-    check_finite,
     default_model_path,
     load_checkpoint,
 )
@@ -86,11 +85,7 @@ class Captioner:
         except TypeError:
             raise CaptionerError(f"{path}: bad encoder config {enc}") from None
         if "encoder" in ckpt:  # fine-tuned encoder stages
-            bad = set(ckpt["encoder"]) - set(encoder.net.state_dict())
-            if bad:
-                raise CaptionerError(f"{path}: encoder weights do not fit {enc['name']}: {sorted(bad)[:3]}")
-            check_finite(ckpt["encoder"], "encoder")
-            encoder.net.load_state_dict({k: v.float() for k, v in ckpt["encoder"].items()}, strict=False)
+            encoder.load_tuned(ckpt["encoder"], str(path))
         if encoder.dim != decoder.cfg.feat_dim:
             raise CaptionerError(f"{path}: encoder {enc['name']} gives {encoder.dim}-d features, decoder expects {decoder.cfg.feat_dim}")
         known = {f.name for f in fields(SearchConfig)}

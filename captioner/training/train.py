@@ -371,14 +371,6 @@ def _finished(cfg: TrainConfig, state: dict[str, Any] | None) -> bool:
     return done is not None and (done["epoch"] >= cfg.epochs or done["bad_epochs"] >= cfg.patience)
 
 
-def _load_tuned(encoder: Encoder, weights: dict[str, torch.Tensor], source: str) -> None:
-    """A checkpoint's fine-tuned encoder weights into the encoder (the rest come from the package), fp32."""
-    net = encoder.net.state_dict()
-    if set(weights) - set(net):
-        raise CaptionerError(f"{source}: its encoder weights do not fit {encoder.config.name}")
-    encoder.net.load_state_dict({k: v.to(net[k].dtype) for k, v in weights.items()}, strict=False)
-
-
 def _set_up(cfg: TrainConfig, vocab: Vocab, items: list[Item], texts: list[str], init: dict[str, Any] | None,
             state: dict[str, Any] | None, device: torch.device, distributed: bool) -> Run:
     """Features cached and opened, the decoder, optimiser, scheduler and EMA built (or restored from `state`)."""
@@ -387,7 +379,7 @@ def _set_up(cfg: TrainConfig, vocab: Vocab, items: list[Item], texts: list[str],
         torch.set_num_threads(cfg.threads)
     encoder = caching_encoder(cfg)
     if init is not None and "encoder" in init:  # the fine-tuned stages start where the --init run left them
-        _load_tuned(encoder, init["encoder"], cfg.init)
+        encoder.load_tuned(init["encoder"], f"--init {cfg.init}")
     train_views = split_features(items, "train", encoder, cfg, cfg.views)  # under torchrun: a shard per rank
     val_feats = split_features(items, "val", encoder, cfg)[0]
     val_items = [it for it in items if it.split == "val"]
@@ -406,7 +398,7 @@ def _set_up(cfg: TrainConfig, vocab: Vocab, items: list[Item], texts: list[str],
     if state is not None:
         decoder.load_state_dict(state["train_state"].get("raw", state["decoder"]))  # raw weights when EMA is on
         if "encoder" in state:
-            _load_tuned(encoder, state["encoder"], cfg.out)
+            encoder.load_tuned(state["encoder"], str(Path(cfg.out) / "last.pt"))
         optim.load_state_dict(state["train_state"]["optimizer"])
         sched.load_state_dict(state["train_state"]["scheduler"])
         ts = {k: state["train_state"][k] for k in ts}
