@@ -19,6 +19,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -49,6 +50,19 @@ def context(preload: Sequence[str] | None = None) -> BaseContext:
     if START_METHOD == "forkserver":
         ctx.set_forkserver_preload(list(PRELOAD if preload is None else preload))
     return ctx
+
+
+def quiet_handover(worker_id: int = 0) -> None:
+    """A DataLoader worker's init: a batch whose hand-over the main process abandoned (Ctrl-C or SIGTERM while it
+    received the batch's shared memory) is not an error. Python's resource sharer, the worker thread that passes
+    the memory's descriptor, would print a traceback for the closed connection; other errors still print."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (OSError, EOFError)):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def start(preload: Sequence[str] | None = None) -> None:

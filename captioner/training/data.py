@@ -28,6 +28,7 @@ from ..errors import CaptionerError
 from ..media.images import load_image
 from ..runtime.workers import WORKER_TIMEOUT, loader_errors
 from ..runtime.workers import context as worker_context
+from ..runtime.workers import quiet_handover
 
 log = logging.getLogger("captioner")
 SPLITS = ("train", "val", "test")
@@ -248,6 +249,7 @@ def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, ta
         loader = DataLoader(_ImageFiles(paths, transform, seed=view, offset=offset), batch_size=batch_size,
                             num_workers=num_workers, generator=torch.Generator().manual_seed(view),  # no global RNG draws
                             multiprocessing_context=worker_context() if num_workers else None,
+                            worker_init_fn=quiet_handover,
                             timeout=WORKER_TIMEOUT if num_workers else 0)
         batches = iter(loader)  # torch checks the worker count again here
     out = None

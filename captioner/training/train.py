@@ -40,6 +40,7 @@ from ..model.search import SearchConfig, search
 from ..model.vocab import END, Vocab, tokenize
 from ..runtime.workers import WORKER_TIMEOUT, warn_if_more_than_cpus
 from ..runtime.workers import context as worker_context
+from ..runtime.workers import quiet_handover
 from .data import (
     CaptionPairs,
     ImageViews,
@@ -216,7 +217,7 @@ def epoch_loader(dataset: CaptionPairs, text_pairs: TextPairs, n_text: int, cfg:
     workers = 1 if dataset.streamed else 0
     return DataLoader(epoch_data, batch_size=per_batch, sampler=sampler, collate_fn=partial(collate, pad=pad),
                       num_workers=workers, prefetch_factor=STREAM_PREFETCH if workers else None,
-                      multiprocessing_context=worker_context() if workers else None,
+                      multiprocessing_context=worker_context() if workers else None, worker_init_fn=quiet_handover,
                       timeout=WORKER_TIMEOUT if workers else 0)
 
 
