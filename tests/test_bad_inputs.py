@@ -510,6 +510,8 @@ def test_disk_full_during_checkpoint_save(tiny_model, tmp_path, monkeypatch):
         assert target.read_bytes() == before  # the previous checkpoint is untouched and still loads
         assert Captioner.load(target).vocab.itos == state["vocab"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+    save_checkpoint(target, state)  # a good save: a plain readable file, not mkstemp's 0600
+    assert target.stat().st_mode & 0o777 == 0o644 and Captioner.load(target).vocab.itos == state["vocab"]
 
 
 def test_disk_full_during_training_is_one_line(tmp_path, monkeypatch, capsys):

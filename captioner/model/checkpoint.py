@@ -40,6 +40,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # mkstemp makes it 0600: a checkpoint is readable like any file written with open()
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
