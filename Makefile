@@ -52,14 +52,13 @@ clean:
 # ---- reproduce the reported numbers (README "Results", MODEL_CARD.md) --------------------
 DATA ?= ../shared/data
 GENERAL_DATA = --data flickr8k:$(DATA)/flickr8k --data coco:$(DATA)/coco
-# training runs at one thread: the figures in MODEL_CARD.md are bit-reproducible at that count (matmul results
-# depend on the thread count), and two such runs can share a 2-core machine. The feature caches are filled first
-# at the default thread count (fp32, the same on every CPU).
-# what both stages share: the data, 4 cached views streamed from disk, batches of 100, one thread
-# FINETUNE=1 also trains the encoder's last stage (on cached trunk activations; the self-critical stage goes on
-# with it): measured at full scale with THREADS=2 (docs/attention.md), not yet the shipped model
-FINETUNE ?= 0
-THREADS ?= 1
+# the shipped model trains the encoder's last stage too (FINETUNE=1, on cached trunk activations; the self-critical
+# stage goes on with it) at two threads: the figures in MODEL_CARD.md are bit-reproducible at that thread count
+# (matmul results depend on it). The feature caches are filled first at the default thread count (fp32, the same on
+# every CPU). The previous release (frozen encoder) is `make model FINETUNE=0 THREADS=1`.
+# what both stages share: the data, 4 cached views streamed from disk, batches of 100
+FINETUNE ?= 1
+THREADS ?= 2
 OUT = runs/general$(if $(filter 0,$(FINETUNE)),,-ft$(FINETUNE))
 RUN_FLAGS = $(GENERAL_DATA) --views 4 --batch-size 100 --threads $(THREADS) --ram-gb 0
 GENERAL_FLAGS = $(RUN_FLAGS) --min-count 5 --lr 5e-4 --alpha-c 0.1 --penalty mean --label-smoothing 0.1 \
@@ -67,8 +66,9 @@ GENERAL_FLAGS = $(RUN_FLAGS) --min-count 5 --lr 5e-4 --alpha-c 0.1 --penalty mea
 	--hidden-dim 384 --embed-dim 384 --feat-proj 384 --attn-dim 256 --finetune $(FINETUNE)
 # self-critical training from the teacher-forced model (issue 24): CIDEr-D reward with <end>, samples without dropout,
 # the mean of the other samples as baseline, best epoch by dev CIDEr-D
+SCST_EPOCHS = $(if $(filter 0,$(FINETUNE)),8,12)
 SCST_FLAGS = $(RUN_FLAGS) --init $(OUT)/best.pt --scst true --scst-dropout false --scst-end true --select cider \
-	--lr 5e-5 --epochs 8 --lr-patience 2 --patience 3 --seed 0
+	--lr 5e-5 --epochs $(SCST_EPOCHS) --lr-patience 2 --patience 3 --seed 0
 TEST = --split test --beam 3 --no-repeat-words on --meteor
 
 .PHONY: model ucm
