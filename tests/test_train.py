@@ -84,6 +84,27 @@ def test_a_finished_run_resumes_as_done(tmp_path, shapes):
     assert (best.stat().st_mtime_ns, (best.parent / "last.pt").stat().st_mtime_ns) == stamp
 
 
+def test_resume_with_another_recipe_is_one_error_and_a_longer_run_goes_on(tmp_path, shapes):
+    """`captioner train --resume` with a flag that changes what is trained (here --lr, --seed) stops with one line
+    naming it (exit 2, the run untouched); --epochs (and where and how fast it runs) may change: it goes on."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path / "home")}
+    run = lambda epochs, *extra: subprocess.run(  # noqa: E731
+        [sys.executable, *_train_cmd(shapes, out, cache, epochs, ["--batch-size=8", *extra])],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert run(1).returncode == 0
+    before = (out / "last.pt").read_bytes()
+    for flag in (["--lr", "0.01"], ["--seed", "7"]):
+        res = run(2, "--resume", *flag)
+        assert res.returncode == 2, res.stderr[-2000:]
+        err = res.stderr.strip().splitlines()[-1]
+        assert err.startswith("captioner: error: --resume:") and flag[0] in err and "Traceback" not in res.stderr
+        assert (out / "last.pt").read_bytes() == before
+    res = run(2, "--resume", "--threads", "1")
+    assert res.returncode == 0 and "resuming from" in res.stderr, res.stderr[-2000:]
+    assert load_checkpoint(out / "last.pt")["train_state"]["epoch"] == 2
+
+
 def test_ema_weights_are_validated_saved_and_resumed_exactly(tmp_path, shapes):
     """--ema: best.pt holds the averaged weights (not the raw ones), and a run stopped after epoch 1 and
     resumed ends with the same averaged and raw weights as an uninterrupted run."""

@@ -32,7 +32,7 @@ from torch.utils.data import (
     Subset,
 )
 
-from ..errors import CaptionerError
+from ..errors import CaptionerError, UsageProblem
 from ..model.checkpoint import build_decoder, load_checkpoint, save_checkpoint
 from ..model.decoder import PENALTIES, Decoder, DecoderConfig, attention_penalty
 from ..model.encoder import Encoder, EncoderConfig, augment_transform
@@ -354,12 +354,29 @@ class Run:
     ts: dict[str, Any]  # epoch, best, best_epoch, bad_epochs, elapsed: what resumes
 
 
+# what --resume may change: how long and where it runs, not what it trains (a longer run: --epochs, --patience)
+RESUMABLE_CHANGES = frozenset({"out", "init", "epochs", "patience", "lr_patience", "time_limit_min", "threads",
+                               "device", "cache_dir", "num_workers", "ram_gb"})
+
+
+def _check_same_recipe(cfg: TrainConfig, saved: dict[str, Any], last_path: Path) -> None:
+    """--resume goes on with the run's own recipe: a flag that differs from the one it was started with would give a
+    model of neither recipe, so it is one error (exit 2) naming the differences. Settings the run predates pass."""
+    now = cfg.to_dict()
+    diffs = [f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} now" for k in now
+             if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+    if diffs:
+        raise UsageProblem(f"--resume: {last_path} was trained with other settings ({'; '.join(diffs[:4])}"
+                           f"{'; ...' if len(diffs) > 4 else ''}): give its flags again, or a new --out")
+
+
 def _vocab_and_state(cfg: TrainConfig, init: dict[str, Any] | None, items: list[Item], texts: list[str],
                      last_path: Path, resume: bool) -> tuple[Vocab, dict[str, Any] | None]:
     """The vocabulary (from the run being resumed, the --init model, or the training captions) and, when
     resuming, the last checkpoint."""
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
+        _check_same_recipe(cfg, state["config"].get("train", {}), last_path)
         log.info("resuming from %s (epoch %d done)", last_path, state["train_state"]["epoch"])
         return Vocab.from_dict({"itos": state["vocab"]}), state
     if init is not None:
