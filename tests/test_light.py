@@ -85,6 +85,26 @@ def test_caption_the_shared_photos_without_torch(light_env):
 
 
 @pytest.mark.timeout(300)
+def test_the_bundle_weights_are_rebuilt_without_torch(light_env, photos, tmp_path):  # noqa: F811
+    """A fresh checkout has the shipped bundle's graphs, not its data files: the torch-free command rebuilds them
+    from model.pt and the Lite0 weights package (here a copy of the bundle, beside a copy of model.pt), and
+    captions as the shipped bundle does."""
+    import shutil
+
+    assets = ROOT / "captioner" / "assets"
+    (tmp_path / "model").mkdir()
+    shutil.copyfile(assets / "model.pt", tmp_path / "model.pt")
+    for p in (assets / "model").iterdir():
+        if not p.name.endswith(".data"):
+            shutil.copyfile(p, tmp_path / "model" / p.name)
+    rebuilt = ok(run(light_env, "caption", photos, "--model", tmp_path / "model"))
+    assert "weights rebuilt" in rebuilt.stderr and sorted(p.name for p in (tmp_path / "model").glob("*.data"))
+    assert pairs(rebuilt.stdout.splitlines()) == pairs(ok(run(light_env, "caption", photos)).stdout.splitlines())
+    again = ok(run(light_env, "caption", photos, "--model", tmp_path / "model"))
+    assert "weights rebuilt" not in again.stderr
+
+
+@pytest.mark.timeout(300)
 def test_video_without_torch(light_env, tmp_path):
     from test_app import make_video
 

@@ -298,13 +298,91 @@ def test_bundle_files_and_manifest(bundles):
     from captioner.pipeline.captioner import Captioner
 
     ckpt, folder = bundles["imagenet"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*FILES.values(), "model.json"])
     b = read_bundle(folder)
+    data = [f["data"]["file"] for f in b.manifest["files"].values() if "data" in f]
+    assert data and sorted(p.name for p in folder.iterdir()) == sorted([*FILES.values(), *data, "model.json"])
     cap = Captioner.load(ckpt)
     assert b.model_id == cap.model_id and b.itos == cap.vocab.itos and b.grid == 7 and b.input == (3, 56, 56)
     assert b.content_mask.tolist() == cap.vocab.content_mask() and b.search == cap.search_cfg
     assert len(b.imagenet_categories) == 1000 and b.manifest["decoder"]["init_outputs"][-1] == "imagenet"
     assert read_bundle(bundles["lstm"][1]).imagenet_categories == []
+
+
+def _graphs_only(folder: Path, to: Path) -> Path:
+    """A copy of a bundle without its data files, beside it (model.json names its checkpoint by a relative path)."""
+    import shutil
+
+    to.mkdir()
+    for p in folder.iterdir():
+        if not p.name.endswith(".data"):
+            shutil.copyfile(p, to / p.name)
+    return to
+
+
+def test_a_bundle_without_its_data_files_rebuilds_them_from_the_checkpoint(bundles, pictures, tmp_path, monkeypatch):
+    """The data files (the large tensors) are rebuilt byte for byte from the checkpoint the bundle was exported from,
+    once: into the bundle's folder, or where that is read-only into the user cache, which later loads reuse."""
+    from captioner.lite import bundle as lite_bundle
+    from captioner.lite.captioner import LiteCaptioner
+
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "cache"))
+    ckpt, folder = bundles["imagenet"]
+    files = read_bundle_files(folder)
+    assert files and all(d["rebuildable"] and all(t["from"] for t in d["tensors"]) for d in files.values())
+    copy = _graphs_only(folder, folder.parent / "imagenet-graphs")
+    try:
+        assert LiteCaptioner.load(copy, threads=1).bundle.folder == copy
+        assert all((copy / n).read_bytes() == (folder / n).read_bytes() for n in files)
+        want = [c.text for c in LiteCaptioner.load(folder, threads=1).caption(pictures)]
+        for n in files:
+            (copy / n).unlink()
+        real_write = lite_bundle._write_all
+
+        def read_only(where, written):  # the package folder of a system-wide install
+            if where == copy:
+                raise PermissionError(13, "Permission denied")
+            real_write(where, written)
+
+        monkeypatch.setattr(lite_bundle, "_write_all", read_only)
+        cached = lite_bundle.read_bundle(copy).folder
+        assert cached.is_relative_to(tmp_path / "cache") and not any((copy / n).exists() for n in files)
+        assert all((cached / n).read_bytes() == (folder / n).read_bytes() for n in files)
+        monkeypatch.setattr(lite_bundle, "build_data", lambda *a: pytest.fail("rebuilt again"))
+        lite = LiteCaptioner.load(copy, threads=1)
+        assert lite.bundle.folder == cached and [c.text for c in lite.caption(pictures)] == want
+    finally:
+        import shutil
+
+        shutil.rmtree(copy)
+
+
+def read_bundle_files(folder: Path) -> dict[str, dict]:
+    """data file name -> its model.json entry."""
+    manifest = json.loads((folder / "model.json").read_text())
+    return {f["data"]["file"]: f["data"] for f in manifest["files"].values() if "data" in f}
+
+
+def test_rebuilding_from_another_checkpoint_or_without_recipes_is_one_error(bundles, tmp_path, monkeypatch):
+    from captioner.errors import CaptionerError
+    from captioner.lite.bundle import read_bundle
+
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "cache"))
+    ckpt, folder = bundles["lstm"]
+    root = tmp_path / "moved"
+    root.mkdir()
+    copy = _graphs_only(folder, root / folder.name)
+    make_model(root / ckpt.name, seed=7)  # where model.json says the checkpoint is: another model's
+    with pytest.raises(CaptionerError, match="not the file this model bundle was made from"):
+        read_bundle(copy)
+    (root / ckpt.name).unlink()
+    with pytest.raises(CaptionerError, match="which does not exist"):
+        read_bundle(copy)
+    manifest = json.loads((copy / "model.json").read_text())
+    for f in manifest["files"].values():
+        f.get("data", {})["rebuildable"] = False
+    (copy / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(CaptionerError, match="cannot be rebuilt"):
+        read_bundle(copy)
 
 
 def torch_captions(ckpt: Path, images, backend: str = "onnx", **options):
@@ -368,7 +446,8 @@ def test_fp16_storage(bundles, pictures):
     assert plain["decoder_step"]["fp16_initializers"] == 0  # random fp32 weights: kept as they are
     rounded = read_bundle(bundles["fp16-all"][1]).manifest["files"]
     assert rounded["decoder_step"]["rounded_to_fp16"] > 0
-    assert rounded["decoder_step"]["bytes"] < 0.8 * plain["decoder_step"]["bytes"]  # the same network, stored fp32
+    size = lambda f: f["bytes"] + f.get("data", {}).get("bytes", 0)  # noqa: E731 - the graph and its data file
+    assert size(rounded["decoder_step"]) < 0.8 * size(plain["decoder_step"])  # the same network, stored fp32
     lite = LiteCaptioner.load(bundles["fp16-all"][1], threads=1)
     session = lite.session("decoder_step")
     assert {i.type for i in session.get_inputs() if i.name != "words"} == {"tensor(float)"}
@@ -473,3 +552,29 @@ def test_shipped_model_bundle_is_compact_and_captions_as_the_onnx_path(tmp_path)
     assert [c.text for c in got] == [c.text for c in want]
     assert np.allclose([c.score for c in got], [c.score for c in want], atol=1e-3)
     assert "cat" in got[[Path(p).name for p in EXAMPLES].index("chelsea.jpg")].text
+
+
+def test_torch_files_read_without_torch_equal_torch_load(tmp_path):
+    """lite/torchfile.py: the legacy stream (the Lite0 package) and the zip archive (a checkpoint) give torch.load's
+    tensors, bit for bit; anything but tensors and plain containers is refused, as weights_only does."""
+    from captioner.errors import CaptionerError
+    from captioner.lite.torchfile import read_torch_file
+    from captioner.lite.weights import lite_weights_path
+
+    ckpt = make_model(tmp_path / "m.pt", fp16=True)
+    torch.save({"x": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), "n": torch.tensor(7)},
+               tmp_path / "view.pt")  # a transposed view: strides
+    for path in (lite_weights_path("efficientnet_lite0"), ckpt, tmp_path / "view.pt"):
+        want, got = torch.load(path, map_location="cpu", weights_only=True), read_torch_file(path)
+        tensors = {k: v for k, v in (want.get("decoder", want)).items() if torch.is_tensor(v)}
+        mine = got.get("decoder", got)
+        assert tensors and set(tensors) == set(mine)
+        for k, v in tensors.items():
+            assert mine[k].dtype == v.numpy().dtype and mine[k].shape == tuple(v.shape), k
+            assert mine[k].tobytes() == v.contiguous().numpy().tobytes(), k
+    torch.save({"bad": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
+    with pytest.raises(CaptionerError, match="not a tensor or a plain container"):
+        read_torch_file(tmp_path / "module.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CaptionerError, match="not a torch weights file"):
+        read_torch_file(tmp_path / "junk.pt")

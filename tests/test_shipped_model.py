@@ -61,3 +61,27 @@ def test_shipped_bundle_is_the_shipped_checkpoint():
     assert bundle.model_id == Captioner.load(prepare=False).model_id
     shipped = sum(f.stat().st_size for f in bundle.folder.iterdir()) + default_model_path().stat().st_size
     assert shipped <= 42 * 2**20, shipped
+
+
+def test_shipped_bundle_tracks_small_graphs_and_rebuilds_its_weights(tmp_path):
+    """Only model.pt may be larger than 4 MB: the bundle's graphs are small and its data files (not tracked) are
+    rebuilt, byte for byte, from model.pt and the Lite0 weights package, every tensor by a recipe."""
+    import shutil
+
+    from captioner.lite.bundle import FILES, read_bundle
+    from captioner.pipeline.load import default_model
+
+    folder = read_bundle(default_model(), verify=True).folder  # rebuilds the data files if this checkout has none
+    manifest = json.loads((folder / "model.json").read_text())
+    data = {f["data"]["file"]: f["data"] for f in manifest["files"].values()}
+    assert len(data) == len(FILES) and all(d["rebuildable"] for d in data.values())
+    assert set(manifest["sources"]) == {"checkpoint", "efficientnet_lite0"}
+    assert manifest["sources"]["checkpoint"]["file"] == "../model.pt"
+    for p in folder.iterdir():
+        assert p.name in data or p.stat().st_size < 4 * 2**20, p
+    (tmp_path / "model").mkdir()
+    shutil.copyfile(default_model_path(), tmp_path / "model.pt")
+    for name in [*FILES.values(), "model.json"]:
+        shutil.copyfile(folder / name, tmp_path / "model" / name)
+    assert read_bundle(tmp_path / "model").folder == tmp_path / "model"
+    assert all((tmp_path / "model" / n).read_bytes() == (folder / n).read_bytes() for n in data)

@@ -251,8 +251,9 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     from ..training.bundle import export_bundle
 
     manifest = export_bundle(args.checkpoint, args.out_dir, fp16=args.fp16, overwrite=args.overwrite)
-    sizes = ", ".join(f"{f['file']} {f['bytes'] / 2**20:.1f} MiB" for f in manifest["files"].values())
-    total = sum(f["bytes"] for f in manifest["files"].values())
+    size = lambda f: f["bytes"] + f.get("data", {}).get("bytes", 0)  # noqa: E731 - the graph and its weights
+    sizes = ", ".join(f"{f['file']} {size(f) / 2**20:.1f} MiB" for f in manifest["files"].values())
+    total = sum(size(f) for f in manifest["files"].values())
     print(f"wrote {args.out_dir}: {sizes}; {total / 2**20:.1f} MiB in all ({manifest['weights'].split(' ', 1)[0]} weights)")
     return 0
 

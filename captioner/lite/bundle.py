@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +15,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import CaptionerError
+from ..options import cache_root
 from .preprocess import Preprocessing
 from .search import SearchConfig
+from .weights import Sources, build_data, sha256_file
+
+log = logging.getLogger("captioner")
 
 BUNDLE_FORMAT = "captioner-bundle/1"
 MANIFEST = "model.json"
@@ -41,13 +48,70 @@ class Bundle:
         return self.folder / self.manifest["files"][role]["file"]
 
 
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks (what bundles and exports record and check)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _check(folder: Path, entry: dict[str, Any], verify: bool) -> None:
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise CaptionerError(f"model bundle {folder}: {entry['file']} is missing")
+    if path.stat().st_size != entry["bytes"] or (verify and sha256_file(path) != entry["sha256"]):
+        raise CaptionerError(f"model bundle {folder}: {entry['file']} is damaged (its bytes do not match "
+                             f"{MANIFEST}); export the bundle again")
+
+
+def rebuild_weights(folder: Path, manifest: dict[str, Any], missing: list[dict[str, Any]]) -> Path:
+    """Write the `missing` data files from their recipes (lite/weights.py): into the bundle's folder, or where that
+    is read-only into the user cache with a copy of the graphs. Returns the folder that now holds the whole bundle.
+    (The shipped bundle tracks no data files: this runs once, on first use.)"""
+    for data in missing:
+        if not data.get("rebuildable"):
+            raise CaptionerError(f"model bundle {folder}: {data['file']} is missing (and cannot be rebuilt: its "
+                                 "model.json names no source for some of its tensors); export the bundle again")
+    cached = cache_root() / "bundles" / f"{manifest['model_id']}-{manifest['files']['encoder']['sha256'][:12]}"
+    try:  # rebuilt before, in the cache (the bundle's own folder is read-only)
+        if (cached / MANIFEST).read_bytes() == (folder / MANIFEST).read_bytes():
+            for data in missing:
+                _check(cached, data, verify=True)
+            return cached
+    except (OSError, CaptionerError):
+        pass
+    described = manifest.get("sources", {})
+    checkpoint = described.get("checkpoint", {}).get("file")
+    sources = Sources((folder / checkpoint) if checkpoint else None,
+                      {name: d["sha256"] for name, d in described.items()})
+    built = {}
+    for data in missing:
+        raw = build_data(data["tensors"], sources.tensor)
+        if len(raw) != data["bytes"] or hashlib.sha256(raw).hexdigest() != data["sha256"]:
+            raise CaptionerError(f"model bundle {folder}: {data['file']} rebuilt from its sources does not match "
+                                 f"{MANIFEST}; export the bundle again")
+        built[data["file"]] = raw
+    log.info("model bundle %s: weights rebuilt from %s (once)", folder, ", ".join(sorted(described)))
+    try:
+        _write_all(folder, built)
+        return folder
+    except OSError:
+        pass
+    try:
+        cached.mkdir(parents=True, exist_ok=True)
+        _write_all(cached, built | {name: (folder / name).read_bytes()
+                                    for name in [*(manifest["files"][role]["file"] for role in FILES), MANIFEST]})
+    except OSError as exc:
+        raise CaptionerError(f"model bundle {folder}: cannot write its weights there nor into {cached}: "
+                             f"{exc.strerror or exc} (set CAPTIONER_CACHE to a writable folder)") from None
+    return cached
+
+
+def _write_all(folder: Path, files: dict[str, bytes]) -> None:
+    """Each file written beside its name and renamed: a reader never sees half a file."""
+    for name, raw in files.items():
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, folder / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def read_bundle(folder: Path | str, verify: bool = True) -> Bundle:
@@ -62,14 +126,17 @@ def read_bundle(folder: Path | str, verify: bool = True) -> Bundle:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))
         if m.get("format") != BUNDLE_FORMAT:
             raise CaptionerError(f"{manifest_path}: format {m.get('format')!r}, this captioner reads {BUNDLE_FORMAT!r}")
+        missing = []  # data files to rebuild from their sources
         for role in FILES:
             entry = m["files"][role]
-            path = folder / entry["file"]
-            if not path.is_file():
-                raise CaptionerError(f"model bundle {folder}: {entry['file']} is missing")
-            if path.stat().st_size != entry["bytes"] or (verify and sha256_file(path) != entry["sha256"]):
-                raise CaptionerError(f"model bundle {folder}: {entry['file']} is damaged (its bytes do not match "
-                                     f"{MANIFEST}); export the bundle again")
+            _check(folder, entry, verify)
+            data = entry.get("data")
+            if data and (folder / data["file"]).is_file():
+                _check(folder, data, verify)
+            elif data:
+                missing.append(data)
+        if missing:
+            folder = rebuild_weights(folder, m, missing)
         enc, dec = m["encoder"], m["decoder"]
         mask = np.asarray(m["content_mask"], dtype=bool)
         if len(mask) != len(m["vocab"]) or dec["vocab_size"] != len(m["vocab"]):

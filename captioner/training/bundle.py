@@ -17,6 +17,7 @@ round to fp16: smaller, not the same numbers); either way the sessions run in fp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,9 @@ import torch
 
 from .. import __version__
 from ..errors import CaptionerError, UsageProblem
-from ..lite.bundle import BUNDLE_FORMAT, FILES, MANIFEST, sha256_file
+from ..lite.bundle import BUNDLE_FORMAT, FILES, MANIFEST
+from ..lite.weights import sha256_file
+from ..model.checkpoint import default_model_path
 from ..model.decoder import Decoder
 from ..runtime.onnx_decoder import _outputs, _Step
 from ..runtime.onnx_encoder import (
@@ -107,6 +110,92 @@ def store_fp16(path: Path, everything: bool) -> Stored:
     return Stored(path.name, path.stat().st_size, fp16, fp32, rounded)
 
 
+EXTERNAL_MIN_BYTES = 1024  # an initializer this large goes to the graph's data file when its recipe is known...
+INLINE_MAX_BYTES = 256 * 1024  # ...or, with no recipe, when it is this large (the data file then has no rebuild)
+
+
+def _key(array: np.ndarray) -> tuple[str, tuple[int, ...], str]:
+    return array.dtype.str, tuple(array.shape), hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def weight_recipes(encoder: Any, checkpoint: Path) -> tuple[dict[tuple, dict[str, Any]], dict[str, dict[str, str]]]:
+    """Every tensor the light install can rebuild (lite/weights.py) from the checkpoint and the encoder's weights
+    package: {(dtype, shape, sha256 of its bytes): recipe}, plain tensors (cast, transposed) before BatchNorm folds of
+    the unprepared `encoder`; and the sources' files and SHA-256s, for model.json."""
+    from ..lite.weights import LITE_PACKAGES, Sources, evaluate, lite_weights_path, sha256_file
+    from ..model.encoder import conv_bn_pairs, rename_lite_keys
+
+    sources = Sources(checkpoint)
+    refs = [f"checkpoint:{k}" for k in sources.load("checkpoint")]
+    name, tuned = encoder.config.name, set(sources.load("checkpoint")) & {f"encoder/{k}" for k in encoder.net.state_dict()}
+    described = {"checkpoint": {"file": str(checkpoint), "sha256": sha256_file(checkpoint)}}
+    timm_ref: dict[str, str] = {}
+    if name in LITE_PACKAGES and encoder.config.pretrained:
+        package = list(sources.load(name))
+        refs += [f"{name}:{k}" for k in package]
+        repeats = [len(stage) for stage in encoder.net.blocks]
+        timm_ref = {k: f"{name}:{orig}" for k, orig in rename_lite_keys({k: k for k in package}, repeats).items()}
+        path = lite_weights_path(name)
+        described[name] = {"package": LITE_PACKAGES[name][0], "file": path.name, "sha256": sha256_file(path)}
+    timm_ref |= {k.removeprefix("encoder/"): f"checkpoint:{k}" for k in tuned}  # the fine-tuned stages win
+    candidates: list[dict[str, Any]] = []
+    for ref in refs:
+        ndim = sources.tensor(ref).ndim
+        for dtype in ("float32", "float16"):
+            candidates += [{"ref": ref, "as": dtype}] + ([{"ref": ref, "as": dtype, "T": True}] if ndim == 2 else [])
+    value = lambda key: {"ref": timm_ref[key], "as": "float32"}  # noqa: E731 - a module's tensor as it loads
+    for parent, module, a, b in conv_bn_pairs(encoder.net):
+        conv, bn = (f"{parent}.{x}".lstrip(".") for x in (a, b))
+        if not all(f"{bn}.{p}" in timm_ref for p in ("weight", "bias", "running_mean", "running_var")):
+            continue  # a network without package weights: nothing to rebuild from
+        for part in ("weight", "bias"):
+            for dtype in ("float32", "float16"):
+                candidates.append({"fold": part, "conv": value(f"{conv}.weight"),
+                                   "conv_bias": value(f"{conv}.bias") if module._modules[a].bias is not None else None,
+                                   "bn": [value(f"{bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")],
+                                   "eps": float(module._modules[b].eps), "as": dtype})
+    index: dict[tuple, dict[str, Any]] = {}
+    for recipe in candidates:
+        index.setdefault(_key(evaluate(recipe, sources.tensor)), recipe)
+    return index, described
+
+
+def externalize(path: Path, index: dict[tuple, dict[str, Any]]) -> dict[str, Any] | None:
+    """Move the ONNX file's large initializers into a data file beside it (ONNX external data, what ONNX Runtime
+    reads), each with its recipe from `index` (None where there is none); returns model.json's entry for it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    data_name = path.name + ".data"
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+    for init in model.graph.initializer:
+        raw = init.raw_data
+        if len(raw) < EXTERNAL_MIN_BYTES:
+            continue
+        recipe = index.get(_key(numpy_helper.to_array(init)))
+        if recipe is None and len(raw) < INLINE_MAX_BYTES:
+            continue
+        entries.append({"name": init.name, "offset": offset, "length": len(raw), "from": recipe})
+        for key, val in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, val
+        init.data_location = onnx.TensorProto.EXTERNAL
+        init.ClearField("raw_data")
+        chunks.append(raw)
+        offset += len(raw)
+    if not entries:
+        return None
+    data = path.parent / data_name
+    data.write_bytes(b"".join(chunks))
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))
+    return {"file": data_name, "bytes": offset, "sha256": sha256_file(data),
+            "rebuildable": all(e["from"] is not None for e in entries), "tensors": entries}
+
+
 def _publish(tmp: Path, dest: Path) -> None:
     os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
@@ -127,6 +216,8 @@ def export_bundle(checkpoint: Path | str | None, out: Path, fp16: bool = False, 
     except ImportError:
         raise CaptionerError(f"export-onnx needs onnx ({INSTALL})") from None
     cap = Captioner.load(checkpoint, prepare=False)
+    source = Path(checkpoint) if checkpoint else default_model_path()
+    recipes, sources = weight_recipes(cap.encoder, source)  # of the unprepared encoder: its BatchNorms are folded next
     cap.encoder.prepare_inference(torch.device("cpu"), bf16=False)
     encoder, decoder, cfg = cap.encoder, cap.decoder.eval(), cap.decoder.cfg
     height, width = cap.input_size()
@@ -159,10 +250,15 @@ def export_bundle(checkpoint: Path | str | None, out: Path, fp16: bool = False, 
             stored = {role: store_fp16(work / name, fp16) for role, name in FILES.items()}
         files = {}
         for role, name in FILES.items():
+            data = externalize(work / name, recipes)
             files[role] = {"file": name, "bytes": (work / name).stat().st_size, "sha256": sha256_file(work / name),
                            "fp16_initializers": stored[role].fp16, "fp32_initializers": stored[role].fp32,
-                           "rounded_to_fp16": stored[role].rounded}
+                           "rounded_to_fp16": stored[role].rounded, **({"data": data} if data else {})}
+            if data:
+                _publish(work / data["file"], out / data["file"])
             _publish(work / name, out / name)
+        # where the data files can be rebuilt from: the checkpoint (a path from this folder) and the weights package
+        sources["checkpoint"]["file"] = os.path.relpath(source.resolve(), out.resolve())
         v = cap.vocab
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -180,6 +276,7 @@ def export_bundle(checkpoint: Path | str | None, out: Path, fp16: bool = False, 
             "search": asdict(cap.search_cfg),
             "imagenet_categories": imagenet_categories() if imagenet else [],
             "files": files,
+            "sources": sources,
             "made_by": {"captioner": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime_version(),
                         "onnx": __import__("onnx").__version__, "checkpoint": str(checkpoint or "shipped")},
         }
