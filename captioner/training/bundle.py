@@ -122,38 +122,42 @@ def weight_recipes(encoder: Any, checkpoint: Path) -> tuple[dict[tuple, dict[str
     """Every tensor the light install can rebuild (lite/weights.py) from the checkpoint and the encoder's weights
     package: {(dtype, shape, sha256 of its bytes): recipe}, plain tensors (cast, transposed) before BatchNorm folds of
     the unprepared `encoder`; and the sources' files and SHA-256s, for model.json."""
-    from ..lite.weights import LITE_PACKAGES, Sources, evaluate, lite_weights_path, sha256_file
+    from ..lite.weights import LITE_PACKAGES, Sources, evaluate, lite_weights_path
     from ..model.encoder import conv_bn_pairs, rename_lite_keys
 
     sources = Sources(checkpoint)
     refs = [f"checkpoint:{k}" for k in sources.load("checkpoint")]
-    name, tuned = encoder.config.name, set(sources.load("checkpoint")) & {f"encoder/{k}" for k in encoder.net.state_dict()}
     described = {"checkpoint": {"file": str(checkpoint), "sha256": sha256_file(checkpoint)}}
-    timm_ref: dict[str, str] = {}
+    name, net = encoder.config.name, encoder.net
+    loaded_from: dict[str, str] = {}  # the unprepared network's state key -> the source tensor it was loaded from
     if name in LITE_PACKAGES and encoder.config.pretrained:
         package = list(sources.load(name))
         refs += [f"{name}:{k}" for k in package]
-        repeats = [len(stage) for stage in encoder.net.blocks]
-        timm_ref = {k: f"{name}:{orig}" for k, orig in rename_lite_keys({k: k for k in package}, repeats).items()}
+        renamed = rename_lite_keys({k: k for k in package}, [len(stage) for stage in net.blocks])
+        loaded_from = {k: f"{name}:{orig}" for k, orig in renamed.items()}
         path = lite_weights_path(name)
         described[name] = {"package": LITE_PACKAGES[name][0], "file": path.name, "sha256": sha256_file(path)}
-    timm_ref |= {k.removeprefix("encoder/"): f"checkpoint:{k}" for k in tuned}  # the fine-tuned stages win
+    for key in net.state_dict():  # the fine-tuned stages: the checkpoint's, over the package's (Encoder.load_tuned)
+        if f"checkpoint:encoder/{key}" in refs:
+            loaded_from[key] = f"checkpoint:encoder/{key}"
+
+    def value(key: str) -> dict[str, Any]:
+        return {"ref": loaded_from[key], "as": "float32"}
+
     candidates: list[dict[str, Any]] = []
     for ref in refs:
-        ndim = sources.tensor(ref).ndim
+        transposed = sources.tensor(ref).ndim == 2
         for dtype in ("float32", "float16"):
-            candidates += [{"ref": ref, "as": dtype}] + ([{"ref": ref, "as": dtype, "T": True}] if ndim == 2 else [])
-    value = lambda key: {"ref": timm_ref[key], "as": "float32"}  # noqa: E731 - a module's tensor as it loads
-    for parent, module, a, b in conv_bn_pairs(encoder.net):
+            candidates += [{"ref": ref, "as": dtype}] + ([{"ref": ref, "as": dtype, "T": True}] if transposed else [])
+    bn_params = ("weight", "bias", "running_mean", "running_var")
+    for parent, module, a, b in conv_bn_pairs(net):
         conv, bn = (f"{parent}.{x}".lstrip(".") for x in (a, b))
-        if not all(f"{bn}.{p}" in timm_ref for p in ("weight", "bias", "running_mean", "running_var")):
+        if not all(f"{bn}.{p}" in loaded_from for p in bn_params):
             continue  # a network without package weights: nothing to rebuild from
-        for part in ("weight", "bias"):
-            for dtype in ("float32", "float16"):
-                candidates.append({"fold": part, "conv": value(f"{conv}.weight"),
-                                   "conv_bias": value(f"{conv}.bias") if module._modules[a].bias is not None else None,
-                                   "bn": [value(f"{bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")],
-                                   "eps": float(module._modules[b].eps), "as": dtype})
+        fold = {"conv": value(f"{conv}.weight"),
+                "conv_bias": value(f"{conv}.bias") if module._modules[a].bias is not None else None,
+                "bn": [value(f"{bn}.{p}") for p in bn_params], "eps": float(module._modules[b].eps)}
+        candidates += [{"fold": part, **fold, "as": dtype} for part in ("weight", "bias") for dtype in ("float32", "float16")]
     index: dict[tuple, dict[str, Any]] = {}
     for recipe in candidates:
         index.setdefault(_key(evaluate(recipe, sources.tensor)), recipe)
