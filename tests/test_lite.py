@@ -356,6 +356,44 @@ def test_a_bundle_without_its_data_files_rebuilds_them_from_the_checkpoint(bundl
         shutil.rmtree(copy)
 
 
+def test_data_files_left_from_another_version_are_rebuilt_unless_they_cannot_be(bundles, monkeypatch, tmp_path, caplog):
+    """After an update (git pull) the untracked data files of the bundle before are still there, of the same sizes
+    but other bytes: they are rebuilt from the sources, not refused as damaged. One that no recipe rebuilds is."""
+    import logging
+    import shutil
+
+    from captioner.errors import CaptionerError
+    from captioner.lite.bundle import read_bundle
+
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "cache"))
+    ckpt, folder = bundles["imagenet"]
+    files = read_bundle_files(folder)
+    copy = _graphs_only(folder, folder.parent / "imagenet-stale")
+
+    def stale(name: str) -> None:
+        raw = bytearray((folder / name).read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        (copy / name).write_bytes(bytes(raw))
+
+    try:
+        for name in files:
+            stale(name)
+        with caplog.at_level(logging.INFO, logger="captioner"):
+            assert read_bundle(copy).folder == copy
+        assert "weights rebuilt" in caplog.text
+        assert all((copy / n).read_bytes() == (folder / n).read_bytes() for n in files)
+        manifest = json.loads((copy / "model.json").read_text())
+        for f in manifest["files"].values():
+            f.get("data", {})["rebuildable"] = False
+        (copy / "model.json").write_text(json.dumps(manifest))
+        name = sorted(files)[0]
+        stale(name)
+        with pytest.raises(CaptionerError, match=f"{name} is damaged"):
+            read_bundle(copy)
+    finally:
+        shutil.rmtree(copy)
+
+
 def read_bundle_files(folder: Path) -> dict[str, dict]:
     """data file name -> its model.json entry."""
     manifest = json.loads((folder / "model.json").read_text())

@@ -60,7 +60,8 @@ def _check(folder: Path, entry: dict[str, Any], verify: bool) -> None:
 def rebuild_weights(folder: Path, manifest: dict[str, Any], missing: list[dict[str, Any]]) -> Path:
     """Write the `missing` data files from their recipes (lite/weights.py): into the bundle's folder, or where that
     is read-only into the user cache with a copy of the graphs. Returns the folder that now holds the whole bundle.
-    (The shipped bundle tracks no data files: this runs once, on first use.)"""
+    (The shipped bundle tracks no data files: this runs on first use, and again after an update whose model.json
+    no longer matches the data files left from before.)"""
     for data in missing:
         if not data.get("rebuildable"):
             raise CaptionerError(f"model bundle {folder}: {data['file']} is missing (and cannot be rebuilt: its "
@@ -131,10 +132,13 @@ def read_bundle(folder: Path | str, verify: bool = True) -> Bundle:
             entry = m["files"][role]
             _check(folder, entry, verify)
             data = entry.get("data")
-            if data and (folder / data["file"]).is_file():
-                _check(folder, data, verify)
-            elif data:
-                missing.append(data)
+            if data:
+                try:
+                    _check(folder, data, verify)
+                except CaptionerError:  # absent, or left from another version of the bundle (after a git pull)
+                    if (folder / data["file"]).is_file() and not data.get("rebuildable"):
+                        raise
+                    missing.append(data)
         if missing:
             folder = rebuild_weights(folder, m, missing)
         enc, dec = m["encoder"], m["decoder"]
