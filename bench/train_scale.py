@@ -1,7 +1,7 @@
 """Training at scale on synthetic feature caches: peak RSS, start-up time and captions/s of one epoch of
 `captioner train`, with the training views streamed from the cache files (--ram-gb 0) and copied into RAM.
 
-For each N it writes, in the project's own cache format (cache_key of the files' path/size/mtime and the
+For each N it writes, in the project's own cache format (cache_key of the files' content digests and the
 encoder identity, fp16 .npy), N training images x --views cached views plus --val validation images of
 random features (7x7x1280, 125 KB a view) and 5 random captions per image in a CSV (`table:` reader), so
 `captioner train` finds every cache and encodes nothing. Each run is a fresh `python -m captioner train`
@@ -38,7 +38,7 @@ DECODERS = {"small": ["--hidden-dim", "128", "--embed-dim", "128", "--feat-proj"
 
 def write_set(root: Path, n: int, n_val: int, views: int, seed: int = 0) -> Path:
     """The CSV of a synthetic set of n training + n_val validation images, and its feature caches in root/cache."""
-    from captioner.training.data import cache_key, load_dataset
+    from captioner.training.data import cache_key, content_digests, load_dataset
     from captioner.training.train import TrainConfig, caching_encoder
 
     rng = np.random.default_rng(seed)
@@ -51,7 +51,7 @@ def write_set(root: Path, n: int, n_val: int, views: int, seed: int = 0) -> Path
         out.writerow(["image", "caption", "split"])
         for i in range(n + n_val):
             name = f"{i:06d}.jpg"
-            (images / name).touch()  # never read: only its path, size and mtime key the cache
+            (images / name).touch()  # never decoded: only its (empty) content keys the cache
             split = "train" if i < n else "val"
             for _ in range(5):
                 out.writerow([f"images/{name}", " ".join(rng.choice(words, rng.integers(8, 15))), split])
@@ -61,8 +61,8 @@ def write_set(root: Path, n: int, n_val: int, views: int, seed: int = 0) -> Path
     for split, nviews in (("train", views), ("val", 1)):
         paths = [it.image for it in items if it.split == split]
         for v in range(nviews):
-            target = root / "cache" / f"feats-{cache_key(paths, identity, v)}.npy"
-            target.parent.mkdir(exist_ok=True)
+            (root / "cache").mkdir(exist_ok=True)
+            target = root / "cache" / f"feats-{cache_key(content_digests(paths, root / 'cache'), identity, v)}.npy"
             arr = np.lib.format.open_memmap(target, mode="w+", dtype=np.float16, shape=(len(paths), *ROW))
             for lo in range(0, len(paths), 1024):
                 hi = min(lo + 1024, len(paths))

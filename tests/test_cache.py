@@ -1,10 +1,12 @@
-"""The feature cache: keyed by each file's content signature (path, size, mtime), so a cache built before a file
-changes is never reused after it; and filled in fp32 on every CPU, so training and evaluation numbers do not move
+"""The feature cache: keyed by each file's content (a digest remembered by path, size and mtime), so a cache built
+before a file changes is never reused after it, and one built before a dataset was copied, moved or touched is; and filled in fp32 on every CPU, so training and evaluation numbers do not move
 with the CPU's vector ISA."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from conftest import picture
 
 from captioner.model import encoder as encoder_module
-from captioner.training.data import cache_features
+from captioner.training.data import DIGESTS, cache_features, content_digests
 from captioner.model.encoder import Encoder, EncoderConfig, image_transform
 
 
@@ -43,18 +45,83 @@ def test_a_changed_image_gets_new_features(tmp_path, pixels):
     assert not np.array_equal(after[1], before[1])
 
 
-def test_a_rewrite_of_the_same_size_is_noticed_by_its_mtime(tmp_path, pixels):
-    """A file rewritten with the same size (here: the same bytes) has a new mtime: the cache is rebuilt rather
-    than trusted (a needless re-encode at worst, never stale features)."""
+def test_a_rewrite_of_the_same_size_with_other_bytes_gets_new_features(tmp_path, pixels):
+    """An uncompressed BMP re-saved with another picture: same name and size, other bytes (and mtime)."""
+    (tmp_path / "img").mkdir()
+    paths = [tmp_path / "img" / f"{i}.bmp" for i in range(2)]
+    for i, p in enumerate(paths):
+        picture(i).save(p)
+    cache = tmp_path / "cache"
+    first = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    size = os.path.getsize(paths[0])
+    picture(9).save(paths[0])
+    assert os.path.getsize(paths[0]) == size
+    second = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    assert len(list(cache.glob("feats-*.npy"))) == 2 and not np.array_equal(first[0], second[0])
+    assert np.array_equal(first[1], second[1])
+
+
+def _no_encoding(encoder, monkeypatch):
+    def refuse(images):
+        raise AssertionError("encoded again")
+    monkeypatch.setattr(encoder, "encode_cached", refuse)
+
+
+def test_a_copied_moved_or_touched_dataset_keeps_its_features(tmp_path, pixels, monkeypatch):
+    """The same bytes under new paths and new mtimes (a dataset copied to another disk, re-provisioned, unpacked
+    again, or merely touched) find the cache: its files are read once to check, nothing is encoded again."""
+    import shutil
+
+    paths = _images(tmp_path / "img", n=3)
+    cache = tmp_path / "cache"
+    first = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    copies = []
+    for p in paths:  # shutil.copyfile: new files, new mtimes
+        (tmp_path / "copy").mkdir(exist_ok=True)
+        copies.append(Path(shutil.copyfile(p, tmp_path / "copy" / p.name)))
+    for p in paths:
+        os.utime(p, ns=(os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns + 5_000_000_000))
+    _no_encoding(pixels, monkeypatch)
+    for files in (copies, paths):
+        again = np.array(cache_features(files, pixels, image_transform("pixels"), cache, num_workers=0))
+        assert np.array_equal(again, first)
+    assert len(list(cache.glob("feats-*.npy"))) == 1
+    index = json.loads((cache / DIGESTS).read_text())
+    assert {os.path.abspath(p) for p in [*paths, *copies]} <= set(index)
+
+
+def test_the_digest_index_is_only_stat_checked_and_rebuilt_when_damaged(tmp_path, pixels, monkeypatch):
+    """Unchanged files are not read again (the index answers by size and mtime); a damaged index is rebuilt from
+    the files, and the features are still found."""
+    from captioner.training import data as data_module
+
     paths = _images(tmp_path / "img", n=2)
     cache = tmp_path / "cache"
     first = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
-    data = paths[0].read_bytes()
-    st = os.stat(paths[0])
-    paths[0].write_bytes(data)
-    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    second = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
-    assert len(list(cache.glob("*.npy"))) == 2 and np.array_equal(first, second)
+    read = []
+    digest = data_module._digest
+    monkeypatch.setattr(data_module, "_digest", lambda p: read.append(p) or digest(p))
+    assert content_digests(paths, cache) and read == []
+    (cache / DIGESTS).write_text("{not json")
+    _no_encoding(pixels, monkeypatch)
+    assert np.array_equal(np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0)), first)
+    assert read == paths and len(json.loads((cache / DIGESTS).read_text())) == 2
+
+
+def test_a_cache_written_before_content_keys_is_renamed_not_encoded_again(tmp_path, pixels, monkeypatch):
+    """Caches from earlier versions (keyed by path, size and mtime) whose files are unchanged are adopted under
+    their content key: the hours of encoding a large set are not lost to an upgrade."""
+    from captioner.training.data import _legacy_key
+
+    paths = _images(tmp_path / "img", n=2)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float16)
+    legacy = cache / f"feats-{_legacy_key(paths, pixels.cache_identity(), 0)}.npy"
+    np.save(legacy, old)
+    _no_encoding(pixels, monkeypatch)
+    got = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
+    assert np.array_equal(got, old) and not legacy.exists() and len(list(cache.glob("feats-*.npy"))) == 1
 
 
 def _at_second_batch(encoder, monkeypatch, action) -> list:
@@ -126,7 +193,7 @@ def test_torchrun_shards_the_cache_and_merges_it_into_the_single_process_file(tm
                          timeout=180)
     assert two.returncode == 0, two.stderr[-2000:]
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert len(files) == 3 + 1 + 1  # train views, val, test
+    assert len(files) == 3 + 1 + 1 + 1  # train views, val, test; the digest index
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files  # same keys, no shard or temporary left
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

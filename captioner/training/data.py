@@ -184,18 +184,53 @@ class _ImageFiles(Dataset):
             return self.transform(load_image(self.paths[i]))
 
 
-def file_signature(path: Path) -> list:
-    """What identifies a file's content cheaply: its path, size and modification time (ns), as make and rsync
-    judge staleness. A file re-saved under the same name changes at least its mtime."""
-    st = os.stat(path)
-    return [str(path), st.st_size, st.st_mtime_ns]
+DIGESTS = "digests.json"  # in the cache folder: each image's content digest, by absolute path, size and mtime
 
 
-def cache_key(paths: Sequence[Path], encoder_cfg: dict, view: int) -> str:
-    """Key of one cached feature array: the encoder (config and precision), the view, and every file's
-    path, size and mtime, so a cache built before any file changed is never reused after."""
-    h = hashlib.sha1(json.dumps([encoder_cfg, view, [file_signature(p) for p in paths]]).encode())
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def content_digests(paths: Sequence[Path], cache_dir: Path) -> list[str]:
+    """Each file's content digest (BLAKE2b-128). Remembered in cache_dir/digests.json by path, size and mtime (ns),
+    so a file unchanged since is only stat'ed (as make and rsync judge staleness); a copied, moved or re-provisioned
+    dataset (new paths or mtimes, same bytes) is read once more, seconds, and finds its features under the same key."""
+    index_file = Path(cache_dir) / DIGESTS
+    try:
+        known = json.loads(index_file.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: rebuilt
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    digests, changed = [], False
+    for path in paths:
+        st = os.stat(path)
+        name, entry = os.path.abspath(path), [st.st_size, st.st_mtime_ns]
+        old = known.get(name)
+        if isinstance(old, list) and len(old) == 3 and old[:2] == entry:
+            entry = old
+        else:
+            entry, changed = [*entry, _digest(path)], True
+            known[name] = entry
+        digests.append(entry[2])
+    if changed:  # atomically: ranks under torchrun write it too (the last one wins; each is complete)
+        tmp = index_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, index_file)
+    return digests
+
+
+def cache_key(digests: Sequence[str], encoder_cfg: dict, view: int) -> str:
+    """Key of one cached feature array: the encoder (config and precision), the view, and every file's content in
+    order (content_digests). Paths and times are left out: a changed file gets new features, a moved one keeps them."""
+    h = hashlib.sha1(json.dumps([encoder_cfg, view, list(digests)]).encode())
     return h.hexdigest()[:16]
+
+
+def _legacy_key(paths: Sequence[Path], encoder_cfg: dict, view: int) -> str:
+    """The key of caches written before content keys (path, size and mtime of each file)."""
+    signatures = [[str(p), st.st_size, st.st_mtime_ns] for p, st in ((p, os.stat(p)) for p in paths)]
+    return hashlib.sha1(json.dumps([encoder_cfg, view, signatures]).encode()).hexdigest()[:16]
 
 
 def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_dir: Path, view: int = 0,
@@ -208,8 +243,12 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
     rank 0 then concatenates the shards into the same file one process would have written."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(paths, encoder.cache_identity(), view)
+    key = cache_key(content_digests(paths, cache_dir), encoder.cache_identity(), view)
     target = cache_dir / f"feats-{key}.npy"
+    legacy = cache_dir / f"feats-{_legacy_key(paths, encoder.cache_identity(), view)}.npy"
+    if not target.is_file() and legacy.is_file():  # its files are unchanged since it was written: renamed, not redone
+        with contextlib.suppress(FileNotFoundError):  # another rank renamed it first
+            os.replace(legacy, target)
     if target.is_file():
         return np.load(target, mmap_mode="r")
     if world == 1:
