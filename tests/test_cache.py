@@ -75,10 +75,8 @@ def test_a_copied_moved_or_touched_dataset_keeps_its_features(tmp_path, pixels, 
     paths = _images(tmp_path / "img", n=3)
     cache = tmp_path / "cache"
     first = np.array(cache_features(paths, pixels, image_transform("pixels"), cache, num_workers=0))
-    copies = []
-    for p in paths:  # shutil.copyfile: new files, new mtimes
-        (tmp_path / "copy").mkdir(exist_ok=True)
-        copies.append(Path(shutil.copyfile(p, tmp_path / "copy" / p.name)))
+    (tmp_path / "copy").mkdir()
+    copies = [Path(shutil.copyfile(p, tmp_path / "copy" / p.name)) for p in paths]  # new files, new mtimes
     for p in paths:
         os.utime(p, ns=(os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns + 5_000_000_000))
     _no_encoding(pixels, monkeypatch)

@@ -214,9 +214,8 @@ def content_digests(paths: Sequence[Path], cache_dir: Path) -> list[str]:
             known[name] = entry
         digests.append(entry[2])
     if changed:  # atomically: ranks under torchrun write it too (the last one wins; each is complete)
-        tmp = index_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, index_file)
+        with _written(index_file) as tmp:
+            tmp.write_text(json.dumps(known))
     return digests
 
 
@@ -243,11 +242,12 @@ def cache_features(paths: Sequence[Path], encoder, transform: Callable, cache_di
     rank 0 then concatenates the shards into the same file one process would have written."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(content_digests(paths, cache_dir), encoder.cache_identity(), view)
+    identity = encoder.cache_identity()
+    key = cache_key(content_digests(paths, cache_dir), identity, view)
     target = cache_dir / f"feats-{key}.npy"
-    legacy = cache_dir / f"feats-{_legacy_key(paths, encoder.cache_identity(), view)}.npy"
-    if not target.is_file() and legacy.is_file():  # its files are unchanged since it was written: renamed, not redone
-        with contextlib.suppress(FileNotFoundError):  # another rank renamed it first
+    if not target.is_file():  # a cache of an earlier version whose files are unchanged: renamed, not redone
+        legacy = cache_dir / f"feats-{_legacy_key(paths, identity, view)}.npy"
+        with contextlib.suppress(FileNotFoundError):  # none, or another rank renamed it first
             os.replace(legacy, target)
     if target.is_file():
         return np.load(target, mmap_mode="r")
@@ -310,7 +310,7 @@ def _encode(paths: Sequence[Path], offset: int, encoder, transform: Callable, ta
 def _written(target: Path) -> Iterator[Path]:
     """A temporary path beside `target` for the block to write: renamed into place when the block completes, removed
     when it fails (an error, Ctrl-C or SIGTERM: a half-written cache file, as large as the cache, is no use)."""
-    tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
+    tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}{target.suffix}")
     try:
         yield tmp
     except BaseException:
